@@ -587,6 +587,38 @@ class Store:
         rows = self._query("SELECT value FROM kv WHERE key = 'job_numbers.updated_at'")
         return _parse(rows[0][0]) if rows else None
 
+    # ------------------------------------------------------------------ status and retry helpers
+
+    def oldest_stored_at(self, delivery: Delivery = Delivery.PENDING) -> datetime | None:
+        """Given a delivery state, return when its oldest punch was stored, or None when it has none."""
+        rows = self._query("SELECT min(stored_at) FROM punches WHERE delivery = ?", (delivery.value,))
+        return _parse(rows[0][0])
+
+    def requeue_quarantined(
+        self, *, reason_contains: str | None = None, device: str | None = None, now: datetime | None = None
+    ) -> int:
+        """Put quarantined punches (optionally filtered like `requeue_parked`) back in the queue, due now.
+
+        Only punches with a real moment (`check_time_ms` set) move: an impossible local time can never be
+        uploaded, so such a punch stays quarantined whatever a human asks. Return how many moved.
+        """
+        due = _iso(now or datetime.now(timezone.utc))
+        clauses = ["delivery = 'quarantined'", "check_time_ms IS NOT NULL"]
+        params: list[Any] = [due]
+        if reason_contains:
+            clauses.append("instr(reason, ?) > 0")
+            params.append(reason_contains)
+        if device:
+            clauses.append("device = ?")
+            params.append(device)
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE punches SET delivery = 'pending', next_attempt_at = ?, reason = NULL "  # noqa: S608
+                f"WHERE {' AND '.join(clauses)}",
+                params,
+            )
+            return cursor.rowcount
+
 
 def _acquire_lock(path: Path) -> int:
     """Take the single-instance lock beside the database; raise StoreLockedError if another process has it."""
