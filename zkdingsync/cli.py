@@ -1,0 +1,334 @@
+"""The command line: parse the arguments, call the library, turn user errors into one line each.
+
+Exit codes: 0 success, 1 user error or internal error (the traceback is logged), 2 usage error,
+78 invalid configuration (EX_CONFIG), 130 interrupted.
+
+Every command has a handler `cmd_<name>(args) -> int`. Options common to all commands (`-c`, `-v`,
+`-q`, `--log-format`) are accepted before and after the command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from zkdingsync import __version__
+from zkdingsync.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, load_config
+from zkdingsync.errors import ConfigError, UserError
+from zkdingsync.logs import FORMATS, configure_logging
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatus can name it
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- command handlers --------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    return _not_implemented("run")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the configuration; print a one-line summary on stdout. ConfigError (exit 78) otherwise."""
+    config = load_settings(args)
+    print(summarize(config))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show per-terminal and per-delivery-state figures from the store."""
+    return _not_implemented("status")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Connect to terminals and report serial, firmware, clock drift, records and capacity."""
+    return _not_implemented("probe")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Put parked punches back in the delivery queue."""
+    return _not_implemented("retry")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run fake terminals on 127.0.0.1 until interrupted."""
+    return _not_implemented("simulate")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run simulated terminals, a fake DingTalk and the daemon on this machine; show the final status."""
+    return _not_implemented("demo")
+
+
+def _not_implemented(name: str) -> int:
+    print(f"zkdingsync {name}: not implemented yet", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --- helpers for handlers ----------------------------------------------------------------------------
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """Given parsed arguments, return the config file path: -c, else $ZKDINGSYNC_CONFIG, else the default."""
+    if getattr(args, "config", None):
+        return Path(args.config)
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(args: argparse.Namespace) -> Config:
+    """Given parsed arguments, load the config and re-apply logging with its level and format.
+
+    The -v/-q and --log-format options win over the config's `log` section. Raise ConfigError.
+    """
+    config = load_config(config_path(args))
+    level = _cli_level(args) or config.log.level
+    fmt = args.log_format or config.log.format
+    configure_logging(level=level, fmt=fmt)
+    return config
+
+
+def summarize(config: Config) -> str:
+    """Given a Config, return the one-line summary `validate` prints."""
+    terminals = len(config.devices)
+    employees = len(config.users.map)
+    return (
+        f"{terminals} terminal{'s' if terminals != 1 else ''}, "
+        f"{employees} mapped employee{'s' if employees != 1 else ''}, "
+        f"store {config.store.path}"
+    )
+
+
+def _cli_level(args: argparse.Namespace) -> str | None:
+    verbose = getattr(args, "verbose", 0) or 0
+    quiet = getattr(args, "quiet", 0) or 0
+    if verbose > quiet:
+        return "debug"
+    if quiet - verbose == 1:
+        return "warning"
+    if quiet - verbose >= 2:
+        return "error"
+    return None
+
+
+# --- the parser ---------------------------------------------------------------------------------------
+
+
+def _common_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    # On the subcommands the defaults are SUPPRESS, so that an option given before the command name is
+    # not overwritten by the subcommand's default.
+    def default(value: object) -> object:
+        return value if top_level else argparse.SUPPRESS
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=default(None),
+        help=f"configuration file (default: ${CONFIG_ENV_VAR}, else {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default(0), help="log more (debug); overrides log.level"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=default(0), help="log less (-q warning, -qq error)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default(None),
+        help="log output: auto (console on a terminal, key=value otherwise), console, json, keyvalue",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is less than 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is greater than 65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="zkdingsync",
+        description="Deliver every punch from ZKTeco-protocol time clocks to DingTalk attendance, "
+        "exactly once.",
+    )
+    parser.add_argument("--version", action="version", version=f"zkdingsync {__version__}")
+    _common_options(parser, top_level=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description)
+        _common_options(sub, top_level=False)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command(
+        "run",
+        cmd_run,
+        "run the daemon in the foreground",
+        "Poll every terminal, store every punch, deliver to DingTalk; until SIGTERM or SIGINT (exit 0).",
+    )
+    command(
+        "validate",
+        cmd_validate,
+        "check the configuration",
+        "Check the configuration file. Exit 0 and print a summary when valid; otherwise print every "
+        "problem with its line and key on stderr and exit 78.",
+    )
+    status = command(
+        "status",
+        cmd_status,
+        "show terminals and delivery states",
+        "Show each terminal and how many punches are in each delivery state, read from the store "
+        "(works while the daemon runs).",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    probe = command(
+        "probe",
+        cmd_probe,
+        "connect to terminals and report what they say",
+        "Connect to terminals and report serial number, firmware, clock drift, record count and capacity.",
+    )
+    probe.add_argument("names", nargs="*", metavar="NAME", help="configured terminal names (default: all)")
+    retry = command(
+        "retry",
+        cmd_retry,
+        "put parked punches back in the delivery queue",
+        "Put parked punches back in the delivery queue (after fixing a user mapping, say). Works whether "
+        "or not the daemon is running.",
+    )
+    retry.add_argument("--reason", metavar="TEXT", help="only punches parked for a reason containing TEXT")
+    retry.add_argument("--device", metavar="NAME", help="only punches from this terminal")
+    simulate = command(
+        "simulate",
+        cmd_simulate,
+        "run fake terminals on 127.0.0.1",
+        "Run fake terminals on 127.0.0.1 until interrupted; terminal i listens on BASE_PORT+i (TCP and UDP).",
+    )
+    simulate.add_argument(
+        "--terminals", type=_positive_int, default=1, metavar="N", help="how many (default 1)"
+    )
+    simulate.add_argument(
+        "--base-port", type=_port, default=4370, metavar="P", help="port of the first terminal (default 4370)"
+    )
+    simulate.add_argument(
+        "--users", type=_non_negative_int, default=10, metavar="U", help="users per terminal (default 10)"
+    )
+    simulate.add_argument(
+        "--records",
+        type=_non_negative_int,
+        default=100,
+        metavar="R",
+        help="attendance records per terminal at start (default 100)",
+    )
+    simulate.add_argument(
+        "--record-size",
+        type=int,
+        choices=(8, 16, 40, 49),
+        default=40,
+        help="attendance record layout in bytes (default 40)",
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    simulate.add_argument(
+        "--spec", metavar="FILE", help="YAML/JSON file describing each terminal and its faults"
+    )
+    simulate.add_argument(
+        "--punch-interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="add a new punch to each terminal every SECONDS (default: none)",
+    )
+    demo = command(
+        "demo",
+        cmd_demo,
+        "run everything on this machine and show the result",
+        "Start simulated terminals, a local fake DingTalk and the daemon; after a while print the status.",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=20.0,
+        help="how long to run before the final status (default 20)",
+    )
+    return parser
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with `argv` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, --version and usage errors
+        code = exit_request.code
+        return code if isinstance(code, int) else EXIT_USAGE
+    try:
+        configure_logging(level=_cli_level(args) or "info", fmt=args.log_format or "auto")
+        handler: Handler = args.handler
+        return handler(args)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        count = len(error.problems)
+        print(
+            f"zkdingsync: invalid configuration ({count} problem{'s' if count != 1 else ''})", file=sys.stderr
+        )
+        return EXIT_CONFIG
+    except UserError as error:
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"zkdingsync: {line}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("zkdingsync: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        # The program's outer edge: anything not foreseen is a bug; log its traceback and exit 1.
+        log.exception("internal error: this is a bug in zkdingsync, please report it with this traceback")
+        return EXIT_FAILURE
