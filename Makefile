@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+# config.example.yaml and the README's configuration table are generated from zkdingsync/config/schema.py.
+docs: $(VENV)/.installed
+	$(BIN)/python -m zkdingsync.config.docs
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench

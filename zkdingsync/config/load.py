@@ -84,10 +84,14 @@ class _Problems:
         return [text for _, _, text in sorted(self.found)]
 
 
-def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: Path | str, environ: Mapping[str, str] | None = None, *, require_secrets: bool = True
+) -> Config:
     """Given the path of a YAML config file, return the validated Config.
 
     `environ` (default `os.environ`) supplies `${VAR}` values and `$CREDENTIALS_DIRECTORY`.
+    With `require_secrets=False` (commands that never call DingTalk: status, retry, probe) a secret
+    that cannot be read is not a problem and comes back as "" (None when optional).
     Raise ConfigError listing every problem found, one line each with file, line and key path.
     Nothing is created or changed on disk.
     """
@@ -109,7 +113,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         problems.add(1, "", "the file is empty; expected a mapping with at least dingtalk and devices")
         raise ConfigError(problems.lines())
     base_dir = source.absolute().parent
-    checker = _Checker(problems, env, base_dir)
+    checker = _Checker(problems, env, base_dir, require_secrets=require_secrets)
     values = checker.section(SCHEMA, tree, "", 1)
     if values is not _INVALID:
         checker.cross_check(values, tree)
@@ -268,8 +272,11 @@ def check_host(host: str) -> str | None:
 class _Checker:
     """Walk the _Node tree along the schema; return plain values, record every problem."""
 
-    def __init__(self, problems: _Problems, environ: Mapping[str, str], base_dir: Path) -> None:
+    def __init__(
+        self, problems: _Problems, environ: Mapping[str, str], base_dir: Path, *, require_secrets: bool = True
+    ) -> None:
         self.problems = problems
+        self.require_secrets = require_secrets
         self.environ = environ
         self.base_dir = base_dir
         self._zones: set[str] | None = None
@@ -301,7 +308,7 @@ class _Checker:
         for child in key.children:
             child_path = _join(path, child.name)
             if child.kind == "secret":
-                value = self.secret(child, entries, child_path, line, child.name in suggested)
+                value = self.secret_or_blank(child, entries, child_path, line, child.name in suggested)
             else:
                 found = entries.get(child.name)
                 if found is None:
@@ -561,6 +568,22 @@ class _Checker:
 
     # secrets
 
+    def secret_or_blank(
+        self, key: Key, entries: dict[Any, _Entry], path: str, line: int, suggested: bool
+    ) -> Any:
+        """`secret()`, except that without require_secrets an unreadable secret is blank, not a problem."""
+        if self.require_secrets:
+            return self.secret(key, entries, path, line, suggested)
+        kept = self.problems
+        self.problems = _Problems(kept.filename)
+        try:
+            value = self.secret(key, entries, path, line, suggested)
+        finally:
+            self.problems = kept
+        if value is _INVALID:
+            return "" if key.required else None
+        return value
+
     def secret(self, key: Key, entries: dict[Any, _Entry], path: str, line: int, suggested: bool) -> Any:
         """A secret from the value, from `<name>_file`, or from $CREDENTIALS_DIRECTORY/<credential>."""
         inline = entries.get(key.name)
@@ -591,7 +614,11 @@ class _Checker:
         if not key.required:
             return None
         if not suggested:
-            where = f", or the systemd credential {key.credential!r}" if key.credential else ""
+            where = ""
+            if key.credential:
+                where = f", or the systemd credential {key.credential!r}"
+                if not directory:
+                    where += " ($CREDENTIALS_DIRECTORY is not set here)"
             self.problems.add(
                 line, path, f"is required but missing: set {key.name} or {key.name}_file{where}"
             )

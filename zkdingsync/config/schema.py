@@ -71,8 +71,8 @@ class Key:
 _ROBOT = Key(
     "robot",
     "section",
-    "Optional DingTalk group robot (custom robot webhook) that receives alerts: a terminal down or back, "
-    "delivery paused for credentials or quota, punches parked. Leave out to disable.",
+    "Optional DingTalk group robot (custom robot webhook) that receives zkdingsync's alerts. "
+    "Leave the section out to send none.",
     default=None,
     absent_is_none=True,
     dataclass=objects.RobotConfig,
@@ -126,9 +126,7 @@ SCHEMA = Key(
                 Key(
                     "app_secret",
                     "secret",
-                    "AppSecret of the app. Write ${VAR} to read it from the environment, or use "
-                    "app_secret_file: /path (a file not readable by everyone), or leave both out and "
-                    "provide it as the systemd credential 'app_secret' (LoadCredential=).",
+                    "AppSecret of the app. ${ZKDINGSYNC_APP_SECRET} reads it from that environment variable.",
                     credential="app_secret",
                     example="${ZKDINGSYNC_APP_SECRET}",
                     in_example=True,
