@@ -1,0 +1,10 @@
+"""A fake ZKTeco-protocol terminal for tests, `zkdingsync simulate` and the demo.
+
+`Simulator` runs any number of `FakeTerminal`s (each its own port, TCP and UDP) on one background event
+loop; `TerminalSpec` describes one, `Fault` makes it misbehave. See `terminal.py` for the behaviour.
+"""
+
+from zkdingsync.simulator.server import Simulator
+from zkdingsync.simulator.terminal import FakeTerminal, Fault, FaultKind, TerminalSpec, make_users
+
+__all__ = ["FakeTerminal", "Fault", "FaultKind", "Simulator", "TerminalSpec", "make_users"]
