@@ -1,0 +1,123 @@
+"""The `probe` command: connect to terminals and report what each says about itself.
+
+Per terminal: serial, firmware, platform, clock and its drift from this host, users and records against
+capacity (a warning above 90 % full: a full log refuses or overwrites punches). Terminals are probed
+concurrently; one failing terminal gets its one-line reason and does not stop the others. Nothing is
+downloaded and nothing is written to the store.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import TextIO
+
+from zkdingsync.devices.zk import TerminalState, read_info, utc_now
+from zkdingsync.errors import TerminalError, UserError
+from zkdingsync.poller import ConfigLike, PolledDevice
+from zkdingsync.timeconv import describe_duration
+
+FULL_WARNING_RATIO = 0.9
+
+Prober = Callable[[PolledDevice, float], TerminalState]
+
+
+def _percent(used: int, capacity: int) -> str:
+    return f" ({used * 100 // capacity} %)" if capacity > 0 else ""
+
+
+def describe_drift(drift_seconds: float) -> str:
+    """Given terminal-minus-host seconds, return "in step with this host" or "3 min ahead of ..."."""
+    if abs(drift_seconds) < 1.5:  # the terminal clock has one-second resolution
+        return "in step with this host"
+    side = "ahead of" if drift_seconds > 0 else "behind"
+    return f"{describe_duration(drift_seconds)} {side} this host"
+
+
+def format_report(
+    device: PolledDevice, outcome: TerminalState | TerminalError, drift_threshold_seconds: float
+) -> tuple[str, bool]:
+    """Given a terminal and what probing it gave, return (report text, ok)."""
+    where = f"{device.host}:{device.port} {device.protocol}"
+    if isinstance(outcome, TerminalError):
+        return f"{device.name} ({where}): FAILED: {outcome.reason}\n", False
+    state = outcome
+    lines = [f"{device.name} ({where}): ok"]
+    lines.append(f"  serial:    {state.serial}")
+    lines.append(f"  firmware:  {state.firmware or '?'}")
+    lines.append(f"  platform:  {state.platform or '?'}")
+    if state.clock is None:
+        lines.append(
+            f"  clock:     {state.clock_text} (an impossible date: WARNING, set the terminal's clock)"
+        )
+    else:
+        drift = state.drift_seconds or 0.0
+        warning = (
+            f"  WARNING: beyond the {drift_threshold_seconds:g} s threshold"
+            if abs(drift) > drift_threshold_seconds
+            else ""
+        )
+        lines.append(f"  clock:     {state.clock_text} {device.timezone} ({describe_drift(drift)}){warning}")
+    lines.append(
+        f"  users:     {state.users} / {state.user_capacity}{_percent(state.users, state.user_capacity)}"
+    )
+    full = state.record_capacity > 0 and state.record_count > FULL_WARNING_RATIO * state.record_capacity
+    lines.append(
+        f"  records:   {state.record_count} / {state.record_capacity}"
+        f"{_percent(state.record_count, state.record_capacity)}"
+        + ("  WARNING: over 90 % full; a full log refuses or overwrites punches" if full else "")
+    )
+    return "\n".join(lines) + "\n", True
+
+
+def probe(
+    config: ConfigLike,
+    names: Sequence[str] = (),
+    *,
+    out: TextIO | None = None,
+    prober: Prober | None = None,
+    now: Callable[[], datetime] = utc_now,
+) -> int:
+    """Given the config and terminal names (all when empty), probe them concurrently, write one report
+    per terminal to `out` (stdout) in config order, and return 0 if every terminal answered, else 1.
+
+    Raise UserError if a name is not a configured terminal.
+    """
+    stream = out if out is not None else sys.stdout
+    devices = list(config.devices)
+    if names:
+        known = {device.name for device in devices}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise UserError(
+                f"no terminal named {', '.join(map(repr, unknown))} in the configuration "
+                f"(configured: {', '.join(sorted(known)) or 'none'})"
+            )
+        wanted = set(names)
+        devices = [device for device in devices if device.name in wanted]
+    if not devices:
+        stream.write("no terminals configured\n")
+        return 1
+    poll = config.poll
+
+    def probe_one(device: PolledDevice) -> TerminalState | TerminalError:
+        try:
+            if prober is not None:
+                return prober(device, poll.timeout_seconds)
+            return read_info(device, poll.timeout_seconds, now=now)
+        except TerminalError as error:
+            return error
+
+    workers = max(1, min(poll.max_concurrency, len(devices)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as executor:
+        outcomes = list(executor.map(probe_one, devices))
+    failures = 0
+    for device, outcome in zip(devices, outcomes, strict=True):
+        text, ok = format_report(device, outcome, poll.drift_threshold_seconds)
+        stream.write(text)
+        failures += not ok
+    if len(devices) > 1:
+        stream.write(f"{len(devices) - failures} of {len(devices)} terminals answered\n")
+    return 0 if failures == 0 else 1
