@@ -246,3 +246,13 @@ def _route_stdlib_logging() -> None:
     if root.level > logging.WARNING or root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
     logging.captureWarnings(True)
+
+
+def reset_logging() -> None:
+    """Undo `configure_logging` (structlog defaults, no stdlib forwarding): for tests and embedders."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibToStructlog):
+            root.removeHandler(handler)
+    logging.captureWarnings(False)

@@ -34,8 +34,9 @@ from zkdingsync.errors import ConfigError
 from zkdingsync.logs import register_secret
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_ENROLL_NUMBER = re.compile(r"^[0-9]{1,24}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_ENROLL_NUMBER = re.compile(r"[0-9]{1,24}")
 _MAX_NODES = 200_000  # a config has hundreds of nodes; this stops alias bombs ("billion laughs")
 _MAX_NAME_LENGTH = 64
 _INT_TAG = "tag:yaml.org,2002:int"
@@ -261,7 +262,7 @@ def check_host(host: str) -> str | None:
     if len(name) > 253:
         return "is too long for a host name (more than 253 characters)"
     labels = name.split(".")
-    if not all(_HOST_LABEL.match(label) for label in labels):
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
         return "is neither an IP address nor a valid host name (letters, digits, '-' and '.' only)"
     if labels[-1].isdigit():
         # A name ending in a number is a mistyped IPv4 address (192.168.1.300), never a real host name.
@@ -292,7 +293,6 @@ class _Checker:
             return _INVALID
         else:
             entries = node.value
-            line = node.line
         known = [child.name for child in key.children]
         known += [f"{child.name}_file" for child in key.children if child.kind == "secret"]
         suggested: set[str] = set()
@@ -319,7 +319,7 @@ class _Checker:
                     else:
                         value = self.absent(child, child_path, line)
                 else:
-                    value = self.value(child, found.value, child_path)
+                    value = self.value(child, found.value, child_path, found.key.line)
             values[child.name] = value
         # Invalid children stay in as _INVALID so that checks across keys still see the valid ones.
         return values
@@ -349,12 +349,12 @@ class _Checker:
 
     # scalars
 
-    def value(self, key: Key, node: _Node, path: str) -> Any:
+    def value(self, key: Key, node: _Node, path: str, key_line: int) -> Any:
         """Validate the value of one key (any kind but secret)."""
         if key.kind == "section":
             if key.absent_is_none and node.kind == "scalar" and node.value is None:
-                return self.section(key, None, path, node.line)
-            return self.section(key, node, path, node.line)
+                return self.section(key, None, path, key_line)
+            return self.section(key, node, path, key_line)
         if key.kind == "list":
             return self.items(key, node, path)
         if key.kind == "user_map":
@@ -529,7 +529,7 @@ class _Checker:
             text = key.text if key.tag == _INT_TAG and key.text is not None else key.value
             shown = str(text)
             entry_path = f"{path}.{shown}"
-            if not isinstance(text, str) or not _ENROLL_NUMBER.match(text):
+            if not isinstance(text, str) or not _ENROLL_NUMBER.fullmatch(text):
                 self.problems.add(key.line, entry_path, f"{shown!r} is not an enroll number (digits only)")
                 valid = False
                 continue

@@ -1,0 +1,199 @@
+"""The command line: help for every command, option placement, exit codes, errors without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zkdingsync import __version__, cli
+from zkdingsync.cli import build_parser, main
+from zkdingsync.errors import UserError
+
+COMMANDS = ["run", "validate", "status", "probe", "retry", "simulate", "demo"]
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_the_contract_commands_exist() -> None:
+    assert set(COMMANDS) <= set(_subcommands())
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: zkdingsync {command}" in out
+    assert "--config" in out
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"zkdingsync {__version__}\n"
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) == 2
+    assert main([]) == 2
+    assert main(["simulate", "--record-size", "12"]) == 2
+    assert main(["simulate", "--base-port", "70000"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "-c", "{path}"],
+        ["-c", "{path}", "validate"],
+        ["validate", "--config", "{path}", "-q"],
+        ["-v", "validate", "--config={path}"],
+    ],
+)
+def test_config_option_before_or_after_the_command(
+    argv: list[str], config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([part.format(path=config_file) for part in argv]) == 0
+    assert capsys.readouterr().out.startswith("1 terminal, 1 mapped employee, store ")
+
+
+def test_option_before_the_command_is_not_overwritten_by_the_subcommand_default() -> None:
+    args = build_parser().parse_args(["-c", "/x.yaml", "--log-format", "json", "-q", "status"])
+    assert (args.config, args.log_format, args.quiet) == ("/x.yaml", "json", 1)
+
+
+def test_config_from_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZKDINGSYNC_CONFIG", str(config_file))
+    assert main(["validate"]) == 0
+    assert "1 terminal" in capsys.readouterr().out
+
+
+def test_default_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ZKDINGSYNC_CONFIG", raising=False)
+    args = build_parser().parse_args(["status"])
+    assert cli.config_path(args) == Path("/etc/zkdingsync/config.yaml")
+
+
+def test_missing_config_file_is_one_line_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["validate", "-c", str(missing)]) == 78
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"{missing}: cannot read the configuration: No such file or directory",
+        "zkdingsync: invalid configuration (1 problem)",
+    ]
+    assert captured.out == ""
+
+
+def test_user_error_is_one_line_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def failing(args: argparse.Namespace) -> int:
+        raise UserError("the store is locked by process 1234")
+
+    monkeypatch.setattr(cli, "cmd_status", failing)
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err == "zkdingsync: the store is locked by process 1234\n"
+
+
+def test_unexpected_error_logs_the_traceback_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_probe", broken)
+    assert main(["probe", "--log-format", "keyvalue"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err
+    assert "ZeroDivisionError: a bug" in err
+    assert "Traceback" in err
+
+
+def test_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_simulate", interrupted)
+    assert main(["simulate"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_verbosity_flags_choose_the_level() -> None:
+    parser = build_parser()
+    levels = {
+        (): None,
+        ("-v",): "debug",
+        ("-q",): "warning",
+        ("-qq",): "error",
+        ("-q", "-v"): None,
+    }
+    for flags, level in levels.items():
+        assert cli._cli_level(parser.parse_args([*flags, "status"])) == level, flags
+
+
+def test_command_options_are_parsed() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "simulate",
+            "--terminals",
+            "3",
+            "--base-port",
+            "14370",
+            "--users",
+            "5",
+            "--records",
+            "1000",
+            "--record-size",
+            "16",
+            "--spec",
+            "faults.yaml",
+            "--punch-interval",
+            "0.5",
+        ]
+    )
+    assert (args.terminals, args.base_port, args.users, args.records, args.record_size) == (
+        3,
+        14370,
+        5,
+        1000,
+        16,
+    )
+    assert (args.host, args.spec, args.punch_interval) == ("127.0.0.1", "faults.yaml", 0.5)
+    args = parser.parse_args(["retry", "--reason", "unmapped", "--device", "lobby"])
+    assert (args.reason, args.device) == ("unmapped", "lobby")
+    assert parser.parse_args(["probe", "lobby", "gate"]).names == ["lobby", "gate"]
+    assert parser.parse_args(["status", "--json"]).json is True
+    assert parser.parse_args(["demo", "--seconds", "5"]).seconds == 5.0
+
+
+def test_python_dash_m_runs_the_cli(config_file: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zkdingsync", "validate", "-c", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1 terminal, 1 mapped employee")
+    assert done.stderr == ""
