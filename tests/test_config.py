@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zkdingsync.config import Config, DeviceConfig, check_host, load_config, store_problem
 from zkdingsync.config.schema import SCHEMA, Key, iter_keys
@@ -270,3 +272,28 @@ def test_store_problem(tmp_path: Path) -> None:
 def test_every_schema_key_has_a_description() -> None:
     for path, key in iter_keys():
         assert key.description.strip().endswith((".", ")")), path
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_damage_to_a_valid_file_is_a_config_error_or_a_config(
+    tmp_path: Path, config_template: str, data: st.DataObject
+) -> None:
+    # Bad input gets a clear message, never a traceback: cut, duplicate or replace a piece of the text.
+    text = config_template.format(store=tmp_path / "zk.db")
+    start = data.draw(st.integers(0, len(text)))
+    end = data.draw(st.integers(start, min(len(text), start + 40)))
+    insert = data.draw(
+        st.sampled_from(
+            ["", ":", "- ", "  ", "\n", "[", "{", "&a", "*a", "!!binary", "~", "'", '"', "0x1F", "1e400"]
+        )
+        | st.text(max_size=8)
+    )
+    path = _write(tmp_path, text[:start] + insert + text[end:])
+    try:
+        config = load_config(path, environ={})
+    except ConfigError as error:
+        assert error.problems
+        assert all(problem.startswith(str(path)) for problem in error.problems)
+    else:
+        assert isinstance(config, Config)

@@ -88,12 +88,14 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
 
 
-def load_settings(args: argparse.Namespace) -> Config:
+def load_settings(args: argparse.Namespace, *, require_secrets: bool = True) -> Config:
     """Given parsed arguments, load the config and re-apply logging with its level and format.
 
-    The -v/-q and --log-format options win over the config's `log` section. Raise ConfigError.
+    The -v/-q and --log-format options win over the config's `log` section. Commands that never call
+    DingTalk (status, retry, probe) pass `require_secrets=False`, so that an admin can run them without
+    the service's secrets at hand. Raise ConfigError.
     """
-    config = load_config(config_path(args))
+    config = load_config(config_path(args), require_secrets=require_secrets)
     level = _cli_level(args) or config.log.level
     fmt = args.log_format or config.log.format
     configure_logging(level=level, fmt=fmt)

@@ -128,8 +128,9 @@ def load_config(
 
 def _compose(text: str, problems: _Problems) -> _Node | None:
     """Parse YAML text into a _Node tree; record a problem and return None on a syntax error."""
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # rejects control characters already
         node = loader.get_single_node()
         if node is None:
             return _Node(None, 1, "scalar")
@@ -143,11 +144,16 @@ def _compose(text: str, problems: _Problems) -> _Node | None:
         column = f" (column {mark.column + 1})" if mark is not None else ""
         problems.add(line, "", f"YAML syntax error: {detail}{column}")
         return None
+    except yaml.reader.ReaderError as error:
+        line = text[: error.position].count("\n") + 1
+        problems.add(line, "", f"YAML syntax error: character {error.character:#x} is not allowed")
+        return None
     except yaml.YAMLError as error:
         problems.add(None, "", f"YAML syntax error: {error}")
         return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _Converter:
@@ -173,8 +179,7 @@ class _Converter:
             self.failed = True
             return _Node(None, line, "scalar")
         if isinstance(node, yaml.ScalarNode):
-            value = self.loader.construct_object(node, deep=True)
-            return _Node(value, line, "scalar", text=node.value, tag=node.tag)
+            return _Node(self._construct(node), line, "scalar", text=node.value, tag=node.tag)
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -185,16 +190,21 @@ class _Converter:
             self.active.discard(id(node))
         raise yaml.YAMLError(f"line {line}: unsupported YAML node")  # pragma: no cover - yaml has 3 kinds
 
+    def _construct(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as error:
+            # A timestamp like 2024-13-45 passes the YAML resolver but not datetime().
+            self.problems.add(node.start_mark.line + 1, "", f"cannot read the value {node.value!r}: {error}")
+            self.failed = True
+            return None
+
     def _mapping(self, node: yaml.MappingNode, line: int) -> _Node:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = (
-                self.loader.construct_object(key_node, deep=True)
-                if isinstance(key_node, yaml.ScalarNode)
-                else None
-            )
+            key = self._construct(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if key is None:
                 continue
             key_line = key_node.start_mark.line + 1
@@ -527,7 +537,7 @@ class _Checker:
             key = entry.key
             # Unquoted numbers are accepted as written (the source text, so 0012 keeps its zeros).
             text = key.text if key.tag == _INT_TAG and key.text is not None else key.value
-            shown = str(text)
+            shown = key.text if key.text is not None else str(text)
             entry_path = f"{path}.{shown}"
             if not isinstance(text, str) or not _ENROLL_NUMBER.fullmatch(text):
                 self.problems.add(key.line, entry_path, f"{shown!r} is not an enroll number (digits only)")
