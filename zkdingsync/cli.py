@@ -21,6 +21,7 @@ from zkdingsync import __version__
 from zkdingsync.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, load_config
 from zkdingsync.errors import ConfigError, UserError
 from zkdingsync.logs import FORMATS, configure_logging
+from zkdingsync.simulator.command import add_arguments as add_simulate_arguments
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +39,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
-    return _not_implemented("run")
+    from zkdingsync.service import run_daemon
+
+    return run_daemon(config_path(args), load_settings(args))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -50,32 +53,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show per-terminal and per-delivery-state figures from the store."""
-    return _not_implemented("status")
+    from zkdingsync.status import status_command
+
+    return status_command(load_settings(args, require_secrets=False), as_json=args.json)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Connect to terminals and report serial, firmware, clock drift, records and capacity."""
-    return _not_implemented("probe")
+    from zkdingsync.probe import probe
+
+    return probe(load_settings(args, require_secrets=False), args.names)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Put parked punches back in the delivery queue."""
-    return _not_implemented("retry")
+    from zkdingsync.retry import retry_command
+
+    return retry_command(
+        load_settings(args, require_secrets=False),
+        reason=args.reason,
+        device=args.device,
+        include_quarantined=args.quarantined,
+    )
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run fake terminals on 127.0.0.1 until interrupted."""
-    return _not_implemented("simulate")
+    from zkdingsync.simulator.command import run
+
+    configure_logging(level=_cli_level(args) or "info", fmt=args.log_format or "auto")
+    return run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run simulated terminals, a fake DingTalk and the daemon on this machine; show the final status."""
-    return _not_implemented("demo")
+    from zkdingsync.demo import run_demo
 
-
-def _not_implemented(name: str) -> int:
-    print(f"zkdingsync {name}: not implemented yet", file=sys.stderr)
-    return EXIT_USAGE
+    configure_logging(level=_cli_level(args) or "info", fmt=args.log_format or "auto")
+    return run_demo(seconds=args.seconds, log_format=args.log_format)
 
 
 # --- helpers for handlers ----------------------------------------------------------------------------
@@ -246,45 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("--reason", metavar="TEXT", help="only punches parked for a reason containing TEXT")
     retry.add_argument("--device", metavar="NAME", help="only punches from this terminal")
+    retry.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="also re-queue quarantined punches (suspect times) that have a valid time",
+    )
     simulate = command(
         "simulate",
         cmd_simulate,
         "run fake terminals on 127.0.0.1",
         "Run fake terminals on 127.0.0.1 until interrupted; terminal i listens on BASE_PORT+i (TCP and UDP).",
     )
-    simulate.add_argument(
-        "--terminals", type=_positive_int, default=1, metavar="N", help="how many (default 1)"
-    )
-    simulate.add_argument(
-        "--base-port", type=_port, default=4370, metavar="P", help="port of the first terminal (default 4370)"
-    )
-    simulate.add_argument(
-        "--users", type=_non_negative_int, default=10, metavar="U", help="users per terminal (default 10)"
-    )
-    simulate.add_argument(
-        "--records",
-        type=_non_negative_int,
-        default=100,
-        metavar="R",
-        help="attendance records per terminal at start (default 100)",
-    )
-    simulate.add_argument(
-        "--record-size",
-        type=int,
-        choices=(8, 16, 40, 49),
-        default=40,
-        help="attendance record layout in bytes (default 40)",
-    )
-    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    simulate.add_argument(
-        "--spec", metavar="FILE", help="YAML/JSON file describing each terminal and its faults"
-    )
-    simulate.add_argument(
-        "--punch-interval",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="add a new punch to each terminal every SECONDS (default: none)",
-    )
+    add_simulate_arguments(simulate)
     demo = command(
         "demo",
         cmd_demo,

@@ -1,0 +1,208 @@
+"""The composition root and the daemon's main loop.
+
+`run_daemon` wires the real adapters (terminal reader, SQLite store, DingTalk client) into the poller and
+the forwarder, runs each in its own thread, and keeps the main loop for what must happen in one place:
+signals (handlers only set flags), configuration reload on SIGHUP, the systemd watchdog and status line,
+and the periodic summary. Tests and the demo run this same code through the real `zkdingsync run` process.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from zkdingsync import systemd
+from zkdingsync.config import Config, load_config
+from zkdingsync.dingtalk.client import DingTalkClient
+from zkdingsync.errors import ConfigError
+from zkdingsync.forwarder import Forwarder
+from zkdingsync.mapping import UserMapper
+from zkdingsync.model import Delivery
+from zkdingsync.poller import Poller
+from zkdingsync.store import Store
+
+log = structlog.get_logger(__name__)
+
+# How long SIGTERM may take: systemd's default stop timeout is 90 s, the contract says 10 s.
+STOP_DEADLINE_SECONDS = 8.0
+# The main loop wakes at least this often (watchdog, status line, reload).
+TICK_SECONDS = 1.0
+SUMMARY_EVERY_SECONDS = 300.0
+
+
+class _Worker(Protocol):
+    def run(self, stop: threading.Event) -> None: ...
+
+
+@dataclass
+class _Signals:
+    """What the signal handlers saw; the main loop acts on it."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    reload: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def install(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+            self.wake.set()
+
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            self.reload.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+
+@dataclass
+class _Summary:
+    """Counters for the periodic `sync.summary` line."""
+
+    last_at: float
+    delivered_before: int
+    stored_before: int
+
+
+class Daemon:
+    """The running service: one store, one poller, one forwarder, the main loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.signals = _Signals()
+        self.store = Store.open(config.store.path, lock=True)
+        self.client = DingTalkClient.from_config(config.dingtalk, store=self.store)
+        self.mapper = UserMapper(config.users, store=self.store, client=self.client)
+        self.forwarder = Forwarder.from_config(
+            config.dingtalk, store=self.store, client=self.client, mapper=self.mapper
+        )
+        self.poller = Poller.from_config(config, store=self.store)
+        self._threads: list[threading.Thread] = []
+
+    def _start(self, name: str, worker: _Worker) -> None:
+        def target() -> None:
+            try:
+                worker.run(self.signals.stop)
+            except Exception:  # noqa: BLE001 - the edge of a worker thread: log the traceback, stop the daemon
+                log.exception("worker.crashed", worker=name)
+                self.signals.stop.set()
+                self.signals.wake.set()
+
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code (0 after a clean stop)."""
+        self.signals.install()
+        self._start("poller", self.poller)
+        self._start("forwarder", self.forwarder)
+        systemd.ready()
+        log.info(
+            "daemon.started",
+            terminals=len(self.config.devices),
+            store=str(self.config.store.path),
+            config=str(self.config_path),
+        )
+        summary = _Summary(time.monotonic(), *self._totals())
+        interval = systemd.watchdog_interval()
+        while not self.signals.stop.is_set():
+            self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
+            self.signals.wake.clear()
+            if self.signals.reload.is_set():
+                self.signals.reload.clear()
+                self.reload()
+            systemd.watchdog()
+            systemd.status(self.status_line())
+            if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
+                summary = self._log_summary(summary)
+        return self.stop()
+
+    def stop(self) -> int:
+        """Let the workers finish the step in flight, close the store; return 0."""
+        systemd.stopping()
+        log.info("daemon.stopping")
+        deadline = time.monotonic() + STOP_DEADLINE_SECONDS
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            # Whatever they were doing is safe to abandon: the store only moves on commit, and uploads left
+            # in flight are settled by reading DingTalk back at the next start.
+            log.warning("daemon.stop_timeout", still_running=stuck)
+        self.store.close()
+        log.info("daemon.stopped")
+        return 0
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply it; keep the old one if the new one is invalid."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as error:
+            log.error("config.reload_rejected", problems=error.problems, kept="previous configuration")
+            return
+        if new.store.path != self.config.store.path:
+            log.warning("config.reload_store_path_ignored", kept=str(self.config.store.path))
+        self.poller.update_devices(new.devices, new.poll)
+        self.mapper.update(new.users)
+        self.config = new
+        log.info("config.reloaded", terminals=len(new.devices))
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: terminals up, pending and parked punches."""
+        checkpoints = {c.device: c for c in self.store.checkpoints()}
+        names = [device.name for device in self.config.devices]
+        ok = sum(1 for name in names if name in checkpoints and checkpoints[name].down_since is None)
+        counts = self.store.delivery_counts()
+        return (
+            f"{ok}/{len(names)} terminals ok, {counts[Delivery.PENDING] + counts[Delivery.IN_FLIGHT]} pending, "
+            f"{counts[Delivery.PARKED]} parked"
+        )
+
+    def _totals(self) -> tuple[int, int]:
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        return self.store.delivered_since(epoch), self.store.punches_since(epoch)
+
+    def _log_summary(self, summary: _Summary) -> _Summary:
+        delivered, stored = self._totals()
+        counts = self.store.delivery_counts()
+        checkpoints = self.store.checkpoints()
+        since = self.clock() - timedelta(seconds=time.monotonic() - summary.last_at)
+        log.info(
+            "sync.summary",
+            polled=sum(1 for c in checkpoints if c.last_success and c.last_success >= since),
+            new=stored - summary.stored_before,
+            delivered=delivered - summary.delivered_before,
+            pending=counts[Delivery.PENDING] + counts[Delivery.IN_FLIGHT],
+            parked=counts[Delivery.PARKED],
+            quarantined=counts[Delivery.QUARANTINED],
+        )
+        return _Summary(time.monotonic(), delivered, stored)
+
+
+def run_daemon(config_path: Path) -> int:
+    """Given the config path, run the daemon until stopped and return the exit code.
+
+    Raise ConfigError (exit 78) for a bad config and StoreLockedError when another instance runs.
+    """
+    config = load_config(config_path)
+    daemon = Daemon(config, config_path)
+    return daemon.run()
