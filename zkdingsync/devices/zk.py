@@ -364,7 +364,12 @@ class _Session:
     def open(self) -> None:
         """Connect and authenticate (raises library exceptions; `translate` turns them into ours)."""
         device = self.device
-        validate_host(device.host)
+        try:
+            validate_host(device.host)
+        except ValueError as error:
+            raise TerminalError(device.name, str(error)) from error
+        if not 0 < device.port < 65536:
+            raise TerminalError(device.name, f"port {device.port} is out of range")
         udp = device.protocol.lower() == "udp"
         deadline = time.monotonic() + self.deadline_seconds
         zk = ZK(
@@ -391,9 +396,15 @@ class _Session:
         self.zk = zk
         zk.connect()
 
-    def close(self, failed: bool) -> str | None:
-        """Re-enable the terminal if we disabled it (on a fresh connection if this one is gone), say
-        goodbye, close the socket. Return why re-enabling failed, or None. Never raises."""
+    def close(self, failed: bool, desynced: bool = False) -> str | None:
+        """Re-enable the terminal if we disabled it, say goodbye, close the socket. Return why
+        re-enabling failed, or None. Never raises.
+
+        After a timeout or a garbled reply (`desynced`) the session cannot be trusted: a late reply
+        would be read as the answer to ENABLEDEVICE, and closing with unread data resets the
+        connection, which can make the terminal drop our ENABLEDEVICE unread. So the terminal is then
+        re-enabled over a new connection, as it is when this one is gone.
+        """
         guard = self.guard
         enable_error: str | None = None
         budget = self.timeout
@@ -405,7 +416,7 @@ class _Session:
             guard.cancel = None
             guard.byte_limit = None
             guard.deadline = time.monotonic() + budget
-            standing = not guard.peer_closed
+            standing = not guard.peer_closed and not desynced
             if self.disabled and standing:
                 try:
                     self.zk.enable_device()
@@ -663,16 +674,18 @@ def _session(
         session.open()
         yield session
     except TerminalError as error:
-        _close_after_failure(session, error)
+        _close_after_failure(session, error, desynced=False)
         raise
     except _LIBRARY_ERRORS as error:
         reason = session.translate(error)
         kind = TerminalCancelled if reason.startswith("poll cancelled") else TerminalError
         translated = kind(device.name, reason)
-        _close_after_failure(session, translated)
+        _close_after_failure(session, translated, desynced=True)
         raise translated from error
     except BaseException:
-        session.close(failed=True)  # a bug of ours, or KeyboardInterrupt: still re-enable the terminal
+        session.close(
+            failed=True, desynced=True
+        )  # a bug of ours, or KeyboardInterrupt: still re-enable the terminal
         raise
     enable_error = session.close(failed=False)
     if enable_error is not None:
@@ -701,9 +714,9 @@ def _enable_on_new_connection(device: DeviceLike, budget: float) -> str:
     return ""
 
 
-def _close_after_failure(session: _Session, error: TerminalError) -> None:
+def _close_after_failure(session: _Session, error: TerminalError, *, desynced: bool) -> None:
     """Clean up after a failed session; mention it in the reason when re-enabling failed too."""
-    if session.close(failed=True) is not None:
+    if session.close(failed=True, desynced=desynced) is not None:
         error.reason = f"{error.reason}; re-enabling the terminal failed too"
         error.args = (f"terminal {error.device}: {error.reason}",)
 
