@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 
 class Delivery(str, enum.Enum):
@@ -22,12 +23,13 @@ class Delivery(str, enum.Enum):
     QUARANTINED = "quarantined"  # the punch itself is suspect (impossible or out-of-window time)
 
 
-@dataclass(frozen=True)
-class AttendanceRecord:
+class AttendanceRecord(NamedTuple):
     """One record as parsed from a terminal's attendance log, before any timezone is applied.
 
     `local_time` is the terminal's wall clock as "YYYY-MM-DD HH:MM:SS"; it may name an impossible date
     (the terminal wrote garbage), which later quarantines the punch instead of failing the whole log.
+    A NamedTuple rather than a frozen dataclass: a full log is 200,000 of these, and a tuple is built
+    three times faster (measured in bench/bench_polling.py), while staying just as immutable.
     """
 
     enroll_number: str  # the terminal's user_id (the employee's enroll number), as text
