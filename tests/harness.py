@@ -8,11 +8,16 @@ progress exactly where it struck.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -131,3 +136,109 @@ class Dying:
             return result
 
         return call
+
+
+# ---------------------------------------------------------------------------- the real daemon process
+
+
+def write_config(
+    path: Path,
+    *,
+    store: Path,
+    api_base: str,
+    devices: Sequence[tuple[str, int]],
+    users: Mapping[str, str],
+    app_key: str,
+    app_secret: str,
+    timezone_name: str = "Asia/Shanghai",
+    dingtalk_timeout_seconds: float = 1.0,
+    poll_interval_seconds: float = 1.0,
+) -> Path:
+    """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it."""
+    lines = [
+        "dingtalk:",
+        f"  app_key: {app_key}",
+        f"  app_secret: {app_secret}",
+        f"  api_base: {api_base}",
+        f"  timeout_seconds: {dingtalk_timeout_seconds}",
+        "store:",
+        f"  path: {store}",
+        "poll:",
+        f"  interval_seconds: {poll_interval_seconds}",
+        "  timeout_seconds: 2",
+        "users:",
+        "  map:",
+        *(f'    "{enroll}": {userid}' for enroll, userid in users.items()),
+        "devices:",
+    ]
+    for name, port in devices:
+        lines += [
+            f"  - name: {name}",
+            "    host: 127.0.0.1",
+            f"    port: {port}",
+            f"    timezone: {timezone_name}",
+        ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class DaemonProcess:
+    """`python -m zkdingsync run -c CONFIG` as a child process, its output in files under `directory`."""
+
+    def __init__(self, config: Path, directory: Path, name: str = "daemon") -> None:
+        self.config = config
+        self.stdout_path = directory / f"{name}.out"
+        self.stderr_path = directory / f"{name}.err"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("ZKDINGSYNC_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "zkdingsync", "run", "-c", str(config)],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=directory,
+                env=env,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.process.pid
+
+    def running(self) -> bool:
+        """True while the child has not exited."""
+        return self.process.poll() is None
+
+    def kill9(self) -> int:
+        """SIGKILL the child and reap it; return its exit status (-9)."""
+        self.process.kill()
+        return self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM the child and wait up to `timeout` seconds for it; return its exit code. Raise
+        subprocess.TimeoutExpired (after killing it) if it does not stop in time."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the child to exit on its own; return its exit code."""
+        return self.process.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        """Everything the child wrote on stderr so far."""
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def stdout(self) -> str:
+        """Everything the child wrote on stdout so far."""
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def ensure_dead(self) -> None:
+        """Kill the child if it still runs (test clean-up)."""
+        if self.running():
+            self.kill9()
