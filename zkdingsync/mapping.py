@@ -135,6 +135,21 @@ class UserMapper:
             self._refresh_wanted = True
             self._next_attempt = None
 
+    def update(self, explicit: Mapping[str, str], *, match_job_number: bool) -> None:
+        """Apply a reloaded `users` section: the new explicit map, job number matching on or off.
+
+        Numbers reported unmapped are forgotten so that one still unmapped is logged again once.
+        """
+        if match_job_number and (self._source is None or self._cache is None):
+            raise ValueError("match_job_number needs a job number source and a cache")
+        with self._lock:
+            self._explicit = {str(k).strip(): str(v).strip() for k, v in explicit.items()}
+            self._reported.clear()
+            if match_job_number and not self.match_job_number:
+                self._refresh_wanted = True
+                self._next_attempt = None
+            self.match_job_number = match_job_number
+
     def refresh_due(self) -> bool:
         """Return True when `maybe_refresh` would fetch now."""
         if not self.match_job_number:

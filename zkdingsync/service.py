@@ -89,13 +89,29 @@ class Daemon:
         self.clock = clock
         self.signals = _Signals()
         self.store = Store.open(config.store.path, lock=True)
-        self.client = DingTalkClient.from_config(config.dingtalk, store=self.store)
-        self.mapper = UserMapper(config.users, store=self.store, client=self.client)
-        self.forwarder = Forwarder.from_config(
-            config.dingtalk, store=self.store, client=self.client, mapper=self.mapper
+        self.client = DingTalkClient.from_settings(
+            config.dingtalk, store=self.store, org_timezone=config.timezone
+        )
+        self.mapper = self._mapper(config)
+        self.forwarder = Forwarder(
+            self.store,
+            self.client,
+            self.mapper,
+            rate_per_second=config.dingtalk.rate_per_second,
+            concurrency=config.dingtalk.concurrency,
+            monthly_call_quota=config.dingtalk.monthly_call_quota,
+            stop_event=self.signals.stop,
         )
         self.poller = Poller.from_config(config, store=self.store)
         self._threads: list[threading.Thread] = []
+
+    def _mapper(self, config: Config) -> UserMapper:
+        return UserMapper(
+            config.users.map,
+            match_job_number=config.users.match_job_number,
+            source=self.client,
+            cache=self.store,
+        )
 
     def _start(self, name: str, worker: _Worker) -> None:
         def target() -> None:
@@ -162,7 +178,7 @@ class Daemon:
         if new.store.path != self.config.store.path:
             log.warning("config.reload_store_path_ignored", kept=str(self.config.store.path))
         self.poller.update_devices(new.devices, new.poll)
-        self.mapper.update(new.users)
+        self.mapper.update(new.users.map, match_job_number=new.users.match_job_number)
         self.config = new
         log.info("config.reloaded", terminals=len(new.devices))
 
@@ -198,11 +214,7 @@ class Daemon:
         return _Summary(time.monotonic(), delivered, stored)
 
 
-def run_daemon(config_path: Path) -> int:
-    """Given the config path, run the daemon until stopped and return the exit code.
-
-    Raise ConfigError (exit 78) for a bad config and StoreLockedError when another instance runs.
-    """
-    config = load_config(config_path)
-    daemon = Daemon(config, config_path)
-    return daemon.run()
+def run_daemon(config_path: Path, config: Config) -> int:
+    """Given the config (loaded from `config_path`, re-read on SIGHUP), run the daemon until stopped and
+    return the exit code. Raise StoreLockedError when another instance holds the store."""
+    return Daemon(config, config_path).run()

@@ -5,6 +5,13 @@ loop; `TerminalSpec` describes one, `Fault` makes it misbehave. See `terminal.py
 """
 
 from zkdingsync.simulator.server import Simulator
-from zkdingsync.simulator.terminal import FakeTerminal, Fault, FaultKind, TerminalSpec, make_users
+from zkdingsync.simulator.terminal import (
+    FakeTerminal,
+    Fault,
+    FaultKind,
+    TerminalSpec,
+    history_start,
+    make_users,
+)
 
-__all__ = ["FakeTerminal", "Fault", "FaultKind", "Simulator", "TerminalSpec", "make_users"]
+__all__ = ["FakeTerminal", "Fault", "FaultKind", "Simulator", "TerminalSpec", "history_start", "make_users"]

@@ -24,7 +24,7 @@ import yaml
 from zkdingsync.devices.records import RECORD_SIZES, USER_TABLE_SIZES
 from zkdingsync.errors import UserError
 from zkdingsync.simulator.server import Simulator
-from zkdingsync.simulator.terminal import TerminalSpec
+from zkdingsync.simulator.terminal import TerminalSpec, history_start
 
 LOOPBACK = "127.0.0.1"
 _SPEC_FIELDS = {f.name for f in fields(TerminalSpec)}
@@ -165,6 +165,10 @@ def _build_spec(entry: Mapping[str, Any], index: int, args: argparse.Namespace) 
         "timezone": args.timezone,
         "port": port,
     }
+    # Punches that end now rather than in 2024, so that a daemon pointed at the simulator delivers them.
+    values["first_punch"] = history_start(
+        int(entry.get("records", args.records) or 0), entry.get("timezone", args.timezone)
+    )
     values.update({key: value for key, value in entry.items() if key in _SPEC_FIELDS})
     if "capacity" not in entry:
         values["capacity"] = max(values["capacity"], values["records"])

@@ -60,6 +60,13 @@ def make_users(count: int) -> list[TerminalUser]:
     ]
 
 
+def history_start(count: int, timezone: str = "Asia/Shanghai", step_seconds: int = 60) -> str:
+    """Return the wall-clock start (in `timezone`) of `count` punches `step_seconds` apart that end about
+    now: a history DingTalk accepts (its window is 180 days), for the demo and `simulate`."""
+    start = datetime.now(ZoneInfo(timezone)) - timedelta(seconds=step_seconds * (count + 1))
+    return start.strftime("%Y-%m-%d %H:%M:%S")
+
+
 @dataclass(frozen=True)
 class TerminalSpec:
     """How to build a fake terminal. `users` is a list of users or a count for `make_users`; `records`
@@ -81,6 +88,7 @@ class TerminalSpec:
     platform: str = "ZMM220_TFT"
     mac: str = ""  # defaults to one derived from the serial
     inline_buffers: bool = False  # answer PREPARE_BUFFER with CMD_DATA inline when the buffer is small
+    first_punch: str = DEFAULT_FIRST_PUNCH  # wall-clock time of the first of `records` (see history_start)
 
     def __post_init__(self) -> None:
         if self.record_size not in codec.RECORD_SIZES:
@@ -228,7 +236,7 @@ class FakeTerminal:
         self._punch_cycle = 0
         self.port = spec.port
         if spec.records:
-            self.add_punches(spec.records)
+            self.add_punches(spec.records, first=spec.first_punch)
 
     # ------------------------------------------------------------------------------ state for tests
 

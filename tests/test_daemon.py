@@ -1,0 +1,151 @@
+"""The real `zkdingsync run` process, with fake terminals and a fake DingTalk on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import DaemonProcess, config_document, expected_uploads, received, run_cli, write_config
+from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
+
+from zkdingsync.cli import EXIT_CONFIG
+from zkdingsync.dingtalk.fake import FakeDingTalk
+from zkdingsync.simulator import FakeTerminal, history_start
+
+USERS = {"1001": "alice", "1002": "bob", "1003": "carol"}
+
+
+@pytest.fixture
+def dingtalk() -> Iterator[FakeDingTalk]:
+    from daemon_harness import APP_KEY, APP_SECRET
+
+    with FakeDingTalk(users=USERS.values(), app_key=APP_KEY, app_secret=APP_SECRET) as fake:
+        yield fake
+
+
+def test_every_punch_is_delivered_exactly_once_while_punches_keep_coming(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    fleet = {
+        "lobby": terminals(
+            serial="E2E00001", record_size=40, users=3, records=30, first_punch=history_start(30)
+        ),
+        "warehouse": terminals(
+            serial="E2E00002",
+            record_size=16,
+            user_table_size=28,
+            users=3,
+            records=30,
+            first_punch=history_start(30),
+        ),
+        "office": terminals(
+            serial="E2E00003", record_size=49, users=3, records=30, first_punch=history_start(30)
+        ),
+    }
+    config = write_config(
+        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, fleet, USERS)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: len(dingtalk.uploads) >= 60, timeout=30, interval=0.05)
+        # Punches made while the daemon runs.
+        for terminal in fleet.values():
+            for enroll in ("1001", "1002", "1003"):
+                terminal.add_punch(enroll, punch_state=1)
+        expected = expected_uploads(fleet, USERS)
+        wait_for(lambda: len(dingtalk.uploads) >= len(expected), timeout=30, interval=0.05)
+    finally:
+        code = daemon.stop(timeout=10)
+    assert code == 0, daemon.log_text()[-3000:]
+    assert received(dingtalk) == expected
+    assert not [key for key, n in Counter(received(dingtalk)).items() if n > 1]
+    assert all(terminal.enabled for terminal in fleet.values())
+    # Every upload names the terminal as configured and its serial as the device id.
+    names = {terminal.serial: name for name, terminal in fleet.items()}
+    assert all(names[u["device_id"]] == u["device_name"] for u in dingtalk.uploads)
+    assert "Traceback" not in daemon.log_text()
+
+
+def test_status_while_running_shows_parked_unmapped_employee(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(
+        serial="E2E00011", record_size=40, users=4, records=8, first_punch=history_start(8)
+    )  # user 1004 is not mapped
+    config = write_config(
+        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, {"lobby": lobby}, USERS)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: len(dingtalk.uploads) >= 6, timeout=30, interval=0.05)
+
+        def parked() -> dict[str, object] | None:
+            result = run_cli(["status", "--json", "-c", str(config)])
+            document = json.loads(result.stdout)
+            return document if document["delivery"]["parked"] == 2 else None
+
+        document = wait_for(parked, timeout=20, interval=0.2)
+        reasons = document["delivery"]["parked_reasons"]
+        assert "enroll number 1004 has no DingTalk user" in reasons[0]["reason"]
+        assert "e2e-secret-value-1234" not in json.dumps(document)
+        # A retry re-queues them while the daemon runs; they park again since 1004 is still unmapped.
+        result = run_cli(["retry", "-c", str(config)])
+        assert result.returncode == 0, result.stderr
+        assert "2" in result.stdout
+    finally:
+        assert daemon.stop(timeout=10) == 0
+    # The unmapped enroll number is logged once, not once per punch.
+    assert (
+        len([line for line in daemon.log_text().splitlines() if "1004" in line and "unmapped" in line]) <= 2
+    )
+
+
+def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one_is_broken(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(serial="E2E00021", record_size=40, users=3, records=3, first_punch=history_start(3))
+    gate = terminals(
+        serial="E2E00022",
+        record_size=16,
+        user_table_size=28,
+        users=3,
+        records=3,
+        first_punch=history_start(3),
+    )
+    store = tmp_path / "zk.db"
+    config = write_config(
+        tmp_path / "config.yaml", config_document(store, dingtalk.url, {"lobby": lobby}, USERS)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: len(dingtalk.uploads) >= 3, timeout=30, interval=0.05)
+        write_config(config, config_document(store, dingtalk.url, {"lobby": lobby, "gate": gate}, USERS))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: len(dingtalk.uploads) >= 6, timeout=30, interval=0.05)
+        assert {u["device_id"] for u in dingtalk.uploads} == {"E2E00021", "E2E00022"}
+
+        config.write_text(config.read_text(encoding="utf-8").replace("port:", "prot:", 1), encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: daemon.events("config.reload_rejected"), timeout=10, interval=0.05)
+        gate.add_punch("1002")  # still polled: the old config stays in force
+        wait_for(lambda: len(dingtalk.uploads) >= 7, timeout=30, interval=0.05)
+        assert daemon.process is not None and daemon.process.poll() is None
+    finally:
+        assert daemon.stop(timeout=10) == 0
+    assert "prot" in daemon.events("config.reload_rejected")[0]
+
+
+def test_run_with_a_bad_config_exits_78_without_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "dingtalk: {app_key: k, app_secret: s}\ndevices:\n  - name: a\n    host: '1.2.3.4; rm -rf /'\n",
+        encoding="utf-8",
+    )
+    result = run_cli(["run", "-c", str(config)])
+    assert result.returncode == EXIT_CONFIG == 78
+    assert "devices[0].host" in result.stderr and ":4:" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
