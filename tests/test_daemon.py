@@ -149,3 +149,12 @@ def test_run_with_a_bad_config_exits_78_without_traceback(tmp_path: Path) -> Non
     assert result.returncode == EXIT_CONFIG == 78
     assert "devices[0].host" in result.stderr and ":4:" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_demo_runs_the_whole_product_and_reports_what_dingtalk_received() -> None:
+    result = run_cli(["demo", "--seconds", "3", "--log-format", "json"], timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "daemon stopped with exit code 0" in result.stdout
+    assert "0 duplicates" in result.stdout
+    assert "enroll number 1004 has no DingTalk user" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ EMPLOYEES = 4  # per terminal: enroll numbers 1001..1004
 UNMAPPED = "1004"  # left out of users.map on purpose
 PUNCH_INTERVAL_SECONDS = 1.5
 POLL_INTERVAL_SECONDS = 2
+DRAIN_SECONDS = 2 * POLL_INTERVAL_SECONDS + 5
 APP_KEY = "dingdemo"
 APP_SECRET = "demo-app-secret-not-real"  # noqa: S105 - the fake server's own, never a real credential
 
@@ -77,8 +79,14 @@ def run_demo(*, seconds: float, log_format: str | None = None, out: TextIO | Non
         try:
             with _interruptible() as interrupted:
                 interrupted.wait(seconds)
-            for _, terminal in terminals:
-                terminal.stop_punching()
+                for _, terminal in terminals:
+                    terminal.stop_punching()
+                # Let the last punches through before stopping, so the table below adds up.
+                deadline = time.monotonic() + DRAIN_SECONDS
+                while not interrupted.is_set() and time.monotonic() < deadline:
+                    if len(dingtalk.uploads) >= _mapped_punches(terminals, mapped):
+                        break
+                    interrupted.wait(0.2)
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -91,6 +99,10 @@ def run_demo(*, seconds: float, log_format: str | None = None, out: TextIO | Non
         status_command(config, as_json=False, out=out)
         _print_received(dingtalk, terminals, out)
     return 0
+
+
+def _mapped_punches(terminals: list[tuple[str, FakeTerminal]], mapped: dict[str, str]) -> int:
+    return sum(1 for _, t in terminals for record in t.records if record.enroll_number in mapped)
 
 
 def _config_yaml(
