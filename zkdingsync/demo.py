@@ -25,7 +25,7 @@ import yaml
 
 from zkdingsync.config import load_config
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.simulator import FakeTerminal, Simulator, TerminalSpec
+from zkdingsync.simulator import FakeTerminal, Simulator, TerminalSpec, history_start
 from zkdingsync.status import status_command
 
 # (name, record layout, user-table layout)
@@ -33,6 +33,7 @@ TERMINALS = (("lobby", 40, 72), ("warehouse", 16, 28), ("office", 49, 72))
 EMPLOYEES = 4  # per terminal: enroll numbers 1001..1004
 UNMAPPED = "1004"  # left out of users.map on purpose
 PUNCH_INTERVAL_SECONDS = 1.5
+HISTORY = 8  # punches each terminal holds before the demo starts (the last few minutes)
 POLL_INTERVAL_SECONDS = 2
 DRAIN_SECONDS = 2 * POLL_INTERVAL_SECONDS + 5
 APP_KEY = "dingdemo"
@@ -57,6 +58,8 @@ def run_demo(*, seconds: float, log_format: str | None = None, out: TextIO | Non
                     record_size=record_size,
                     user_table_size=table_size,
                     users=EMPLOYEES,
+                    records=HISTORY,
+                    first_punch=history_start(HISTORY),
                 )
             )
             terminals.append((name, terminal))
