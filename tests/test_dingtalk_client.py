@@ -14,6 +14,7 @@ import structlog
 from dingtalk import AppKeyClient
 
 from zkdingsync.dingtalk.client import (
+    COUNT_FLUSH_CALLS,
     DingTalkClient,
     DingTalkError,
     _connection_never_opened,
@@ -53,20 +54,22 @@ def an_upload(userid: str = "manager4220", minutes_ago: int = 60) -> Upload:
     return Upload(userid=userid, device_name="lobby", device_id="ZK-SN123", user_check_time_ms=ms)
 
 
-def this_month() -> str:
-    return call_month(datetime.now(timezone.utc))
+def calls_counted(store: Store, client: DingTalkClient) -> int:
+    client.flush_call_counts()
+    return store.calls_in_month(call_month(datetime.now(timezone.utc)))
 
 
 def test_upload_is_delivered_with_every_field_and_counted(fake: FakeDingTalk, store: Store) -> None:
     upload = an_upload()
-    outcome = make_client(fake, store).upload(upload)
+    client = make_client(fake, store)
+    outcome = client.upload(upload)
     assert outcome.kind is OutcomeKind.DELIVERED
     [accepted] = fake.uploads
     assert accepted["userid"] == "manager4220"
     assert accepted["device_id"] == "ZK-SN123"
     assert accepted["device_name"] == "lobby"
     assert accepted["user_check_time"] == upload.user_check_time_ms
-    assert store.calls_in_month(this_month()) == 1
+    assert calls_counted(store, client) == 1
 
 
 def test_token_is_cached_in_the_store_across_clients(fake: FakeDingTalk, store: Store) -> None:
@@ -151,8 +154,9 @@ def test_errcodes_are_classified(
 
 def test_throttled_calls_are_not_counted_against_the_quota(fake: FakeDingTalk, store: Store) -> None:
     fake.fail_next(90018)
-    make_client(fake, store).upload(an_upload())
-    assert store.calls_in_month(this_month()) == 0
+    client = make_client(fake, store)
+    client.upload(an_upload())
+    assert calls_counted(store, client) == 0
 
 
 @pytest.mark.parametrize(
@@ -196,12 +200,13 @@ def test_garbage_answer_is_unknown(fake: FakeDingTalk, store: Store) -> None:
 def test_accepted_then_never_answered_is_unknown(fake: FakeDingTalk, store: Store) -> None:
     fake.hang_next()
     started = time.monotonic()
-    outcome = make_client(fake, store).upload(an_upload())
+    client = make_client(fake, store)
+    outcome = client.upload(an_upload())
     assert outcome.kind is OutcomeKind.UNKNOWN
     assert outcome.code == "read-timeout"
     assert time.monotonic() - started < 3
     assert len(fake.uploads) == 1  # DingTalk has it, we could not know
-    assert store.calls_in_month(this_month()) == 1
+    assert calls_counted(store, client) == 1
 
 
 def test_connection_reset_after_sending_is_unknown(fake: FakeDingTalk, store: Store) -> None:
@@ -220,10 +225,23 @@ def test_connection_refused_is_transient_and_not_counted(fake: FakeDingTalk, sto
     outcome = client.upload(an_upload(minutes_ago=61))
     assert outcome.kind is OutcomeKind.TRANSIENT
     assert outcome.code == "not-sent"
-    assert store.calls_in_month(this_month()) == 1
+    assert calls_counted(store, client) == 1
     fake.come_up()
     assert client.upload(an_upload(minutes_ago=61)).kind is OutcomeKind.DELIVERED
     assert len(fake.uploads) == 2
+
+
+def test_call_counts_reach_the_store_in_groups(store: Store) -> None:
+    month = call_month(datetime.now(timezone.utc))
+    with FakeDingTalk({"manager4220"}, app_secret=APP_SECRET, qps_limit=None) as fake:
+        client = make_client(fake, store)
+        for minutes in range(60, 60 + COUNT_FLUSH_CALLS):
+            assert client.upload(an_upload(minutes_ago=minutes)).kind is OutcomeKind.DELIVERED
+        assert store.calls_in_month(month) == COUNT_FLUSH_CALLS
+        client.upload(an_upload(minutes_ago=59))
+        assert store.calls_in_month(month) == COUNT_FLUSH_CALLS
+        client.close()  # flushes the rest
+    assert store.calls_in_month(month) == COUNT_FLUSH_CALLS + 1
 
 
 def test_connect_timeout_counts_as_never_sent() -> None:
@@ -255,7 +273,7 @@ def test_list_records_reads_back_in_the_org_timezone(fake: FakeDingTalk, store: 
     assert (
         client.list_records(["manager4220"], moment + timedelta(seconds=1), moment + timedelta(days=1)) == []
     )
-    assert store.calls_in_month(this_month()) == 4  # read-backs count against the quota too
+    assert calls_counted(store, client) == 4  # read-backs count against the quota too
 
 
 def test_list_records_enforces_dingtalk_limits(fake: FakeDingTalk, store: Store) -> None:
@@ -285,13 +303,14 @@ def test_job_numbers_walk_departments_and_pages(store: Store) -> None:
     with FakeDingTalk(
         users, app_secret=APP_SECRET, departments={1: [2], 2: [3], 3: []}, user_departments=placement
     ) as fake:
-        mapping = make_client(fake, store).list_job_numbers()
+        client = make_client(fake, store)
+        mapping = client.list_job_numbers()
         assert fake.calls["user_list"] >= 3  # 133 users in department 3: two pages, plus department 1
     assert len(mapping) == 130
     assert mapping["2000"] == "user000"
     assert mapping["2129"] == "user129"
     assert "9999" not in mapping
-    assert store.calls_in_month(this_month()) == 0  # contacts calls are free
+    assert calls_counted(store, client) == 0  # contacts calls are free
 
 
 def test_robot_signature_matches_the_reference_vector() -> None:

@@ -14,10 +14,12 @@ Every answer, including the absence of one, is classified into an `Outcome` so t
 - PERMANENT (for that punch): unknown user, or any other non-zero errcode on a well-formed request.
 
 The calls go through dingtalk-sdk's `AppKeyClient` (URL joining, JSON body, the shared `requests` session
-machinery), with its traps disarmed in `_SdkClient` below. Monthly quota: every upload and read-back call
-that may have reached DingTalk is counted in the store under its UTC month ("2026-11"); DingTalk counts
-per calendar month in China time, so the first 8 hours of a UTC month belong to the previous DingTalk
-month: the count is conservative near month ends, never lenient by more than those hours.
+machinery), with its traps disarmed in `_SdkClient` below.
+
+Monthly quota: every upload and read-back call that may have reached DingTalk is counted in the store under
+its UTC month ("2026-11"; token and contacts calls are free, QPS-rejected calls are not counted by DingTalk
+either). DingTalk's month is China's (UTC+8): the last 8 hours of a UTC month already belong to its next
+month, so a new month's count here starts low by at most those 8 hours of calls.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -60,6 +64,9 @@ MAX_READ_BACK_SPAN = timedelta(days=7)
 DINGTALK_WINDOW = timedelta(days=180)
 
 TOKEN_REFRESH_MARGIN = timedelta(minutes=5)
+# Call counts are written to the store in groups (see DingTalkClient._count_call).
+COUNT_FLUSH_CALLS = 50
+COUNT_FLUSH_SECONDS = 5.0
 ROOT_DEPARTMENT = 1
 USER_PAGE_SIZE = 100
 # A department walk that goes on longer than this is a loop or a misunderstanding, not an organisation.
@@ -321,6 +328,13 @@ class _SdkClient(AppKeyClient):  # type: ignore[misc]  # the SDK is untyped
         super().__init__("", app_key, app_secret, storage=None, timeout=timeout_seconds, auto_retry=False)
         self.API_BASE_URL = api_base.rstrip("/") + "/"
         session = requests.Session()
+        # Read the environment (proxies, CA bundle) once, here: with trust_env requests rescans os.environ
+        # on every call, which costs about as much as the call itself on a fast network.
+        session.trust_env = False
+        session.proxies.update(requests.utils.get_environ_proxies(self.API_BASE_URL))
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if ca_bundle:
+            session.verify = ca_bundle
         # max_retries=0: urllib3 must never resend a POST on its own; a resend is the forwarder's decision.
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(2, pool_size), max_retries=0)
         session.mount("http://", adapter)
@@ -385,6 +399,9 @@ class DingTalkClient:
         self._token_key = f"dingtalk.token.{app_key}"
         self._token_lock = threading.Lock()
         self._token: _Token | None = None
+        self._count_lock = threading.Lock()
+        self._unsaved_counts: Counter[str] = Counter()
+        self._unsaved_since: datetime | None = None
 
     @classmethod
     def from_settings(
@@ -412,7 +429,8 @@ class DingTalkClient:
         return f"DingTalkClient(app_key={self.app_key!r}, api_base={self.api_base!r})"
 
     def close(self) -> None:
-        """Close the HTTP connections."""
+        """Write the outstanding call counts and close the HTTP connections."""
+        self.flush_call_counts()
         self._sdk.close()
 
     # ------------------------------------------------------------------ public calls
@@ -723,11 +741,38 @@ class DingTalkClient:
         return token
 
     def _count_call(self) -> None:
-        try:
-            self._store.count_calls(call_month(self._clock()))
-        except StoreError as error:
-            # Losing one count is better than losing the outcome of a call that DingTalk may have taken.
-            log.warning("dingtalk.call_count_failed", error=str(error))
+        """Count one call against its month: in memory, written to the store in small groups.
+
+        One committed (fsynced) transaction per call would cost as much as the call's own bookkeeping;
+        the forwarder flushes after every batch, and a group flushes itself at COUNT_FLUSH_CALLS calls or
+        COUNT_FLUSH_SECONDS. A crash forgets at most one group.
+        """
+        now = self._clock()
+        with self._count_lock:
+            self._unsaved_counts[call_month(now)] += 1
+            if self._unsaved_since is None:
+                self._unsaved_since = now
+            due = (
+                sum(self._unsaved_counts.values()) >= COUNT_FLUSH_CALLS
+                or (now - self._unsaved_since).total_seconds() >= COUNT_FLUSH_SECONDS
+            )
+        if due:
+            self.flush_call_counts()
+
+    def flush_call_counts(self) -> None:
+        """Write the calls counted since the last flush to the store (a failure keeps them for later)."""
+        with self._count_lock:
+            counts, self._unsaved_counts = self._unsaved_counts, Counter()
+            self._unsaved_since = None
+            try:
+                for month, calls in counts.items():
+                    self._store.count_calls(month, calls)
+                    counts[month] = 0
+            except StoreError as error:
+                # Losing a count is better than losing the outcome of a call that DingTalk may have taken.
+                log.warning("dingtalk.call_count_failed", error=str(error))
+                self._unsaved_counts.update(+counts)
+                self._unsaved_since = self._clock()
 
 
 def _upload_problem(upload: Upload) -> str | None:
