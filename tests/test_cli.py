@@ -52,8 +52,13 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["no-such-command"]) == 2
     assert main([]) == 2
     assert main(["simulate", "--record-size", "12"]) == 2
-    assert main(["simulate", "--base-port", "70000"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+    # A value argparse accepts but the simulator cannot use: one clear line, exit 1.
+    assert main(["simulate", "--base-port", "70000"]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "zkdingsync: --base-port 70000 with 1 terminals goes beyond port 65535"
+    )
 
 
 @pytest.mark.parametrize(
@@ -178,7 +183,8 @@ def test_command_options_are_parsed() -> None:
         1000,
         16,
     )
-    assert (args.host, args.spec, args.punch_interval) == ("127.0.0.1", "faults.yaml", 0.5)
+    # --host defaults to None: the simulator binds loopback unless a host is given explicitly.
+    assert (args.host, str(args.spec), args.punch_interval) == (None, "faults.yaml", 0.5)
     args = parser.parse_args(["retry", "--reason", "unmapped", "--device", "lobby"])
     assert (args.reason, args.device) == ("unmapped", "lobby")
     assert parser.parse_args(["probe", "lobby", "gate"]).names == ["lobby", "gate"]
