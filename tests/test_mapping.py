@@ -162,3 +162,23 @@ def test_ambiguous_leading_zero_numbers_need_an_exact_match() -> None:
 def test_job_number_matching_needs_its_parts() -> None:
     with pytest.raises(ValueError, match="match_job_number"):
         UserMapper({}, match_job_number=True)
+
+
+def test_reload_updates_the_map_and_forgets_fixed_numbers(fake: FakeDingTalk, store: Store) -> None:
+    client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 2.0, store=store)
+    mapper = UserMapper({}, source=client, cache=store)
+    with structlog.testing.capture_logs() as events:
+        mapper.report_unmapped("1023")
+        mapper.update({"1023": "newcomer"}, match_job_number=False)
+        assert mapper.resolve("1023") == "newcomer"
+        mapper.update({}, match_job_number=True)
+        assert mapper.refresh_due()
+        assert mapper.maybe_refresh()
+        assert mapper.resolve("1001") == "manager4220"
+        mapper.report_unmapped("1023")  # unmapped again after being mapped: worth a new warning
+        mapper.report_unmapped("1023")
+        mapper.update({}, match_job_number=True)
+        mapper.report_unmapped("1023")  # still unmapped after a reload: said again, once
+    assert [e["event"] for e in events].count("mapping.unmapped") == 3
+    with pytest.raises(ValueError, match="match_job_number"):
+        UserMapper({}).update({}, match_job_number=True)

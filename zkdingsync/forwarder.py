@@ -287,6 +287,10 @@ class Forwarder:
         self._hold_reason = ""
         self._failures = 0
         self._outage_since: datetime | None = None
+        # Calls are numbered as they are issued; `_barrier` is the last number issued when a failure or
+        # pause was last seen. Only later calls may end a hold or a pause, or escalate the back-off.
+        self._calls_issued = 0
+        self._barrier = 0
         self._next_settle_at: datetime | None = None  # None: at the first step
         # Monthly budget.
         self._quota_month: str | None = None
@@ -466,11 +470,15 @@ class Forwarder:
                 if upload is None:
                     continue
                 self._limiter.acquire()
-                deferred = self._why_not_now()
-                if deferred is None and not self._acquire_slot():
+                if not self._acquire_slot():
                     deferred = "stopping"
+                else:
+                    # Checked again now that a slot is free: the call that held it may just have failed.
+                    deferred = self._why_not_now()
+                    if deferred is not None:
+                        self._slots.release()
                 if deferred is None:
-                    future = executor.submit(self._deliver, stored, upload)
+                    future = executor.submit(self._deliver, stored, upload, self._next_call())
                     future.add_done_callback(lambda _: self._slots.release())
                     futures.append(future)
                     continue
@@ -555,7 +563,7 @@ class Forwarder:
             user_check_time_ms=punch.check_time_ms,
         )
 
-    def _deliver(self, stored: Any, upload: Upload) -> str:
+    def _deliver(self, stored: Any, upload: Upload, call: int) -> str:
         """Upload one punch and record the answer at once (worker thread); return what became of it."""
         try:
             outcome = self._client.upload(upload)
@@ -563,23 +571,23 @@ class Forwarder:
             log.exception("delivery.upload_crashed", punch_id=stored.id)
             outcome = Outcome(OutcomeKind.UNKNOWN, "the upload failed unexpectedly (see the traceback)")
         try:
-            return self._record(stored, upload, outcome)
+            return self._record(stored, upload, outcome, call)
         except StoreError as error:
             # The row stays in flight: the next settle reads DingTalk back, so nothing is lost or doubled.
             log.error("delivery.store_failed", punch_id=stored.id, error=str(error))
             self._schedule_settle(self._clock() + self._settle_delay)
             return "unknown"
 
-    def _record(self, stored: Any, upload: Upload, outcome: Outcome) -> str:
+    def _record(self, stored: Any, upload: Upload, outcome: Outcome, call: int) -> str:
         now = self._clock()
         kind = outcome.kind
         if kind is OutcomeKind.DELIVERED:
             self._store.mark_delivered(stored.id, at=now, userid=upload.userid)
-            self._on_answer(now)
+            self._on_answer(now, call)
             return "delivered"
         if kind is OutcomeKind.PERMANENT:
             self._store.park(stored.id, reason=outcome.reason)
-            self._on_answer(now)
+            self._on_answer(now, call)
             log.warning(
                 "delivery.parked",
                 punch_id=stored.id,
@@ -589,10 +597,10 @@ class Forwarder:
             )
             return "parked"
         if kind is OutcomeKind.NEEDS_HUMAN:
-            recheck_at = self._on_needs_human(outcome, now)
+            recheck_at = self._on_needs_human(outcome, now, call)
             self._store.mark_pending(stored.id, retry_at=recheck_at, reason=outcome.reason)
             return "pending"
-        wait = self._on_failure(outcome, now)
+        wait = self._on_failure(outcome, now, call)
         if kind is OutcomeKind.UNKNOWN:
             self._store.mark_unknown(stored.id, reason=f"upload outcome unknown: {outcome.reason}")
             self._schedule_settle(now + self._settle_delay)
@@ -608,12 +616,20 @@ class Forwarder:
         exponential = min(self._backoff_max, self._backoff_initial * 2.0 ** max(0, failures - 1))
         return exponential * (0.5 + 0.5 * self._rng.random())
 
-    def _on_failure(self, outcome: Outcome, now: datetime) -> float:
+    def _next_call(self) -> int:
+        """Number a call as it is issued (see `_barrier`)."""
+        with self._state:
+            self._calls_issued += 1
+            return self._calls_issued
+
+    def _on_failure(self, outcome: Outcome, now: datetime, call: int) -> float:
         """A transient failure or an unknown outcome: hold all delivery; return the wait for this punch."""
         with self._state:
-            # Failures of calls already under way when the hold began do not escalate it.
-            if self._hold_until is None or now >= self._hold_until:
+            # Only a call issued after the last failure was seen (a probe) escalates the back-off; the
+            # failures of calls that were already under way say nothing new.
+            if call > self._barrier:
                 self._failures += 1
+            self._barrier = self._calls_issued
             failures = self._failures
             wait = max(outcome.wait_seconds, self.backoff_seconds(failures))
             until = now + timedelta(seconds=wait)
@@ -633,12 +649,16 @@ class Forwarder:
             )
         return wait
 
-    def _on_answer(self, now: datetime, *, ends_pause: bool = True) -> None:
+    def _on_answer(self, now: datetime, call: int, *, ends_pause: bool = True) -> None:
         """DingTalk answered a call properly: end a hold, and (for an upload) a pause.
 
-        A read-back that works says nothing about the upload's permission or quota, so it ends no pause.
+        Only a call issued after the last failure was seen counts: a concurrent call that went out
+        before it proves nothing. A read-back that works says nothing about the upload's permission or
+        quota, so it ends no pause.
         """
         with self._state:
+            if call <= self._barrier:
+                return
             outage_since, pause = self._outage_since, self._pause if ends_pause else None
             self._failures = 0
             self._hold_until = None
@@ -654,10 +674,11 @@ class Forwarder:
             except StoreError as error:
                 log.warning("delivery.status_unwritable", error=str(error))
 
-    def _on_needs_human(self, outcome: Outcome, now: datetime) -> datetime:
+    def _on_needs_human(self, outcome: Outcome, now: datetime, call: int) -> datetime:
         """Pause all delivery (logged loudly once, again if the reason changes); return the recheck time."""
         recheck_at = now + timedelta(seconds=max(outcome.wait_seconds, 1.0))
         with self._state:
+            self._barrier = max(self._barrier, call, self._calls_issued)
             previous = self._pause
             changed = previous is None or previous.code != outcome.code or previous.reason != outcome.reason
             since = now if previous is None else previous.since
@@ -766,6 +787,7 @@ class Forwarder:
             if self._stop.is_set():
                 report.waiting += sum(len(rest.items) for rest in calls[number:])
                 return self._clock()
+            call_number = self._next_call()
             try:
                 records = self._client.list_records(
                     call.userids, _ms_to_datetime(call.start_ms), _ms_to_datetime(call.end_ms)
@@ -782,13 +804,14 @@ class Forwarder:
                         )
                     continue
                 if outcome.kind is OutcomeKind.NEEDS_HUMAN:
-                    again = self._on_needs_human(outcome, self._clock())
+                    again = self._on_needs_human(outcome, self._clock(), call_number)
                 else:
-                    again = self._clock() + timedelta(seconds=self._on_failure(outcome, self._clock()))
+                    wait = self._on_failure(outcome, self._clock(), call_number)
+                    again = self._clock() + timedelta(seconds=wait)
                 log.info("delivery.read_back_failed", reason=outcome.reason, retry_at=again.isoformat())
                 report.waiting += sum(len(rest.items) for rest in calls[number:])
                 return again
-            self._on_answer(self._clock(), ends_pause=False)
+            self._on_answer(self._clock(), call_number, ends_pause=False)
             self._match(call, records, report)
         return None
 

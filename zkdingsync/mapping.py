@@ -101,6 +101,28 @@ class UserMapper:
             except StoreError as error:
                 log.warning("mapping.cache_unreadable", error=str(error))
 
+    def update(self, explicit: Mapping[str, str], *, match_job_number: bool) -> None:
+        """Apply a reloaded `users` section: a new explicit map, job number matching on or off.
+
+        Turning matching on loads the cached table and asks for a fresh one. Numbers reported unmapped
+        are forgotten, so one still unmapped after the reload is logged again, once. Raise ValueError
+        when matching is turned on for a mapper built without a source and a cache.
+        """
+        if match_job_number and (self._source is None or self._cache is None):
+            raise ValueError("match_job_number needs a job number source and a cache")
+        switched_on = match_job_number and not self.match_job_number
+        self._explicit = {str(k).strip(): str(v).strip() for k, v in explicit.items()}
+        self.match_job_number = match_job_number
+        if switched_on and self._cache is not None:
+            try:
+                self._install(self._cache.job_numbers())
+                self._updated_at = self._cache.job_numbers_updated_at()
+            except StoreError as error:
+                log.warning("mapping.cache_unreadable", error=str(error))
+            self.request_refresh()
+        with self._lock:
+            self._reported.clear()
+
     def resolve(self, enroll_number: str) -> str | None:
         """Return the DingTalk userid of an enroll number, or None when nobody has it."""
         number = str(enroll_number).strip()
@@ -134,21 +156,6 @@ class UserMapper:
         with self._lock:
             self._refresh_wanted = True
             self._next_attempt = None
-
-    def update(self, explicit: Mapping[str, str], *, match_job_number: bool) -> None:
-        """Apply a reloaded `users` section: the new explicit map, job number matching on or off.
-
-        Numbers reported unmapped are forgotten so that one still unmapped is logged again once.
-        """
-        if match_job_number and (self._source is None or self._cache is None):
-            raise ValueError("match_job_number needs a job number source and a cache")
-        with self._lock:
-            self._explicit = {str(k).strip(): str(v).strip() for k, v in explicit.items()}
-            self._reported.clear()
-            if match_job_number and not self.match_job_number:
-                self._refresh_wanted = True
-                self._next_attempt = None
-            self.match_job_number = match_job_number
 
     def refresh_due(self) -> bool:
         """Return True when `maybe_refresh` would fetch now."""
