@@ -60,6 +60,7 @@ class DaemonProcess:
 
     config_path: Path
     log_path: Path
+    environ: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _log_file: Any = field(default=None, repr=False)
 
@@ -70,7 +71,7 @@ class DaemonProcess:
             [sys.executable, "-m", "zkdingsync", "run", "-c", str(self.config_path)],
             stdout=self._log_file,
             stderr=self._log_file,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.environ},
         )
         return self
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,3 +160,40 @@ def test_demo_runs_the_whole_product_and_reports_what_dingtalk_received() -> Non
     assert "0 duplicates" in result.stdout
     assert "enroll number 1004 has no DingTalk user" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(serial="E2E00031", record_size=40, users=3, records=3, first_punch=history_start(3))
+    config = write_config(
+        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, {"lobby": lobby}, USERS)
+    )
+    heard: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(tmp_path / "notify.sock"))
+        listener.settimeout(0.1)
+
+        def hear(prefix: str) -> bool:
+            try:
+                while True:
+                    heard.append(listener.recv(4096).decode())
+            except TimeoutError:
+                pass
+            return any(message.startswith(prefix) for message in heard)
+
+        environ = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+        daemon = DaemonProcess(config, tmp_path / "daemon.log", environ=environ).start()
+        try:
+            wait_for(lambda: hear("READY=1"), timeout=20)
+            wait_for(lambda: hear("WATCHDOG=1"), timeout=10)
+            wait_for(lambda: hear("STATUS="), timeout=10)
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: hear("RELOADING=1"), timeout=10)
+        finally:
+            assert daemon.stop(timeout=10) == 0
+        wait_for(lambda: hear("STOPPING=1"), timeout=5)
+    assert heard.index("READY=1") < heard.index("RELOADING=1") < heard.index("STOPPING=1")
+    assert heard.count("READY=1") == 2  # started, and reloaded
+    status = next(message for message in heard if message.startswith("STATUS="))
+    assert re.fullmatch(r"STATUS=[01]/1 terminals ok, \d+ pending, \d+ parked", status)

@@ -8,6 +8,7 @@ and the periodic summary. Tests and the demo run this same code through the real
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ STOP_DEADLINE_SECONDS = 8.0
 # The main loop wakes at least this often (watchdog, status line, reload).
 TICK_SECONDS = 1.0
 SUMMARY_EVERY_SECONDS = 300.0
+STATUS_EVERY_SECONDS = 10.0
 
 
 class _Worker(Protocol):
@@ -117,7 +119,7 @@ class Daemon:
         def target() -> None:
             try:
                 worker.run(self.signals.stop)
-            except Exception:  # noqa: BLE001 - the edge of a worker thread: log the traceback, stop the daemon
+            except Exception:  # the edge of a worker thread: log the traceback, stop the daemon
                 log.exception("worker.crashed", worker=name)
                 self.signals.stop.set()
                 self.signals.wake.set()
@@ -140,6 +142,8 @@ class Daemon:
         )
         summary = _Summary(time.monotonic(), *self._totals())
         interval = systemd.watchdog_interval()
+        under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
+        status_due = 0.0
         while not self.signals.stop.is_set():
             self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
             self.signals.wake.clear()
@@ -147,7 +151,10 @@ class Daemon:
                 self.signals.reload.clear()
                 self.reload()
             systemd.watchdog()
-            systemd.status(self.status_line())
+            if under_systemd and time.monotonic() >= status_due:
+                # Counting states reads an index of every punch: every few seconds, not every tick.
+                systemd.status(self.status_line())
+                status_due = time.monotonic() + STATUS_EVERY_SECONDS
             if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
                 summary = self._log_summary(summary)
         return self.stop()
@@ -170,17 +177,25 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the configuration and apply it; keep the old one if the new one is invalid."""
+        systemd.reloading()
         try:
             new = load_config(self.config_path)
         except ConfigError as error:
             log.error("config.reload_rejected", problems=error.problems, kept="previous configuration")
+            systemd.ready()
             return
         if new.store.path != self.config.store.path:
             log.warning("config.reload_store_path_ignored", kept=str(self.config.store.path))
+        if new.dingtalk != self.config.dingtalk:
+            # The client holds a token for the old app and a pool of connections: a restart is cleaner.
+            log.warning(
+                "config.reload_dingtalk_ignored", hint="restart the service to apply dingtalk changes"
+            )
         self.poller.update_devices(new.devices, new.poll)
         self.mapper.update(new.users.map, match_job_number=new.users.match_job_number)
         self.config = new
         log.info("config.reloaded", terminals=len(new.devices))
+        systemd.ready()
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: terminals up, pending and parked punches."""
@@ -188,10 +203,8 @@ class Daemon:
         names = [device.name for device in self.config.devices]
         ok = sum(1 for name in names if name in checkpoints and checkpoints[name].down_since is None)
         counts = self.store.delivery_counts()
-        return (
-            f"{ok}/{len(names)} terminals ok, {counts[Delivery.PENDING] + counts[Delivery.IN_FLIGHT]} pending, "
-            f"{counts[Delivery.PARKED]} parked"
-        )
+        pending = counts[Delivery.PENDING] + counts[Delivery.IN_FLIGHT]
+        return f"{ok}/{len(names)} terminals ok, {pending} pending, {counts[Delivery.PARKED]} parked"
 
     def _totals(self) -> tuple[int, int]:
         epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
