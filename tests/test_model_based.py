@@ -26,7 +26,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,10 @@ DELIVERY_CRASH_POINTS = [
 ]
 
 SETTINGS = settings(
-    max_examples=30,
+    max_examples=40,
     stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=False,
 )
 
 
@@ -133,7 +132,6 @@ class _Stats:
     lost_to_clear: int = 0
     readback_broken: int = 0
     blind_spot: int = 0  # punches found only after the next punch (cleared log refilled to the same count)
-    notes: list[str] = field(default_factory=list)
 
 
 STATS = _Stats()
