@@ -209,6 +209,24 @@ def test_cleared_log_rebaselines_without_requeueing(
     check_healthy(results, healthy, store)
 
 
+def test_log_cleared_and_refilled_to_the_same_count_is_caught_by_the_hourly_full_read(
+    terminals: Terminals, store: Store
+) -> None:
+    lobby = terminals(serial="REFILL01", records=0)
+    lobby.add_punches(2, first=recent(1))
+    cycle = make_cycle(store, [device_for("lobby", lobby)])
+    assert cycle()["lobby"].downloaded
+    lobby.clear_log()
+    refilled = [lobby.add_punch("1003", recent(0.02)), lobby.add_punch("1001", recent(0.01), punch_state=1)]
+    # Same serial, same count: the next polls within the hour cannot tell, and do not download.
+    assert not cycle(60)["lobby"].downloaded
+    result = cycle(3600)
+    assert result["lobby"].downloaded and result["lobby"].new == 2
+    stored = {s.punch.local_time for s in store.punches()}
+    assert all(record is not None and record.local_time in stored for record in refilled)
+    assert len(store.punches()) == 4
+
+
 def test_swapped_terminal(
     terminals: Terminals, store: Store, healthy: list[tuple[FakeTerminal, DeviceConfig]]
 ) -> None:

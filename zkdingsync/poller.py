@@ -40,6 +40,8 @@ from zkdingsync.timeconv import Classifier, describe_duration
 
 log = structlog.get_logger(__name__)
 
+# How often a terminal's whole log is read even when its record count has not moved.
+VERIFY_EVERY = timedelta(hours=1)
 _IDLE_WAIT_SECONDS = 0.5  # longest wait of the run loop: how fast it notices stop and reloads
 
 
@@ -131,6 +133,7 @@ class _Terminal:
         self.digest: LogDigest | None = None  # of the last log stored, to skip re-parsing it
         self.ensure_enabled = False  # a failed poll may have left the terminal disabled
         self.in_flight: Future[PollResult] | None = None
+        self.verified_at: datetime | None = None  # last full download; None: never in this process
 
 
 class Poller:
@@ -145,6 +148,7 @@ class Poller:
         clock: Callable[[], datetime] = utc_now,
         reader: TerminalReader | None = None,
         jitter: Callable[[], float] | None = None,
+        verify_every: timedelta = VERIFY_EVERY,
     ) -> None:
         """Given the terminals, the store and the poll settings, prepare a poller (no thread started).
 
@@ -153,6 +157,7 @@ class Poller:
         """
         self._store = store
         self._poll = poll
+        self._verify_every = verify_every
         self._clock = clock
         self._reader: TerminalReader = reader if reader is not None else ZkReader()
         self._jitter = jitter if jitter is not None else random.Random().random  # noqa: S311 - not crypto
@@ -299,12 +304,15 @@ class Poller:
         digest = terminal.digest
         if digest is not None and (digest.serial != known_serial or digest.record_count != known_count):
             digest = None  # only trusted while it describes exactly what the store last saved
+        # The count alone cannot show a log cleared and refilled to the same count between two polls:
+        # now and then read the whole log anyway (the digest keeps an unchanged one cheap to store).
+        verify = terminal.verified_at is None or now - terminal.verified_at >= self._verify_every
         try:
             read = self._reader.read_log(
                 device,
                 timeout_seconds=poll.timeout_seconds,
                 known_serial=known_serial,
-                known_count=known_count,
+                known_count=None if verify else known_count,
                 known_digest=digest,
                 ensure_enabled=terminal.ensure_enabled,
                 now=self._clock,
@@ -366,6 +374,7 @@ class Poller:
             log.info("store.recovered", device=device.name)
         if read.downloaded:
             terminal.digest = read.digest
+            terminal.verified_at = now
         terminal.failures = 0
         if terminal.down:
             down_since = checkpoint.down_since if checkpoint is not None else None
