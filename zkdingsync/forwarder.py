@@ -474,14 +474,14 @@ class Forwarder:
                     deferred = "stopping"
                 else:
                     # Checked again now that a slot is free: the call that held it may just have failed.
-                    deferred = self._why_not_now()
-                    if deferred is not None:
-                        self._slots.release()
-                if deferred is None:
-                    future = executor.submit(self._deliver, stored, upload, self._next_call())
-                    future.add_done_callback(lambda _: self._slots.release())
-                    futures.append(future)
-                    continue
+                    permit = self._why_not_now(number_call=True)
+                    if isinstance(permit, int):
+                        future = executor.submit(self._deliver, stored, upload, permit)
+                        future.add_done_callback(lambda _: self._slots.release())
+                        futures.append(future)
+                        continue
+                    self._slots.release()
+                    deferred = permit
             # Claimed but not sent: back in the queue (this one and the rest), due when delivery may go on.
             resume_at = self._resume_at()
             for left in batch[index:]:
@@ -512,7 +512,10 @@ class Forwarder:
                 return False
         return True
 
-    def _why_not_now(self) -> str | None:
+    def _why_not_now(self, *, number_call: bool = False) -> str | int | None:
+        """Return why delivery may not send now, or (with `number_call`) the number of the call it may
+        send. Checking and numbering under one lock: a failure seen in between would otherwise let a
+        call numbered after it (and sent before the hold) end that hold."""
         if self._stop.is_set():
             return "stopping"
         now = self._clock()
@@ -521,6 +524,9 @@ class Forwarder:
                 return f"delivery paused: {self._pause.reason}"
             if self._hold_until is not None and now < self._hold_until:
                 return f"delivery held: {self._hold_reason}"
+            if number_call:
+                self._calls_issued += 1
+                return self._calls_issued
         return None
 
     def _resume_at(self) -> datetime:
