@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zkdingsync: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception:
-        # The program's outer edge: anything not foreseen is a bug; log its traceback and exit 1.
+    except Exception:  # the program's outer edge
+        # Anything not foreseen is a bug: log its traceback and exit 1.
         log.exception("internal error: this is a bug in zkdingsync, please report it with this traceback")
         return EXIT_FAILURE

@@ -101,12 +101,12 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None, out: Text
                 raise UserError(f"cannot listen on {host}:{spec.port}: {error.strerror or error}") from error
             if punch_interval > 0:
                 terminal.punch_every(punch_interval)
-            print(
+            # The command's own output (other programs read the ports from it), not a log event.
+            out.write(
                 f"{spec.name} port={terminal.port} serial={terminal.serial} records={terminal.record_count} "
-                f"record_size={spec.record_size} users={len(terminal.users)} host={host}",
-                file=out,
-                flush=True,
+                f"record_size={spec.record_size} users={len(terminal.users)} host={host}\n"
             )
+            out.flush()
         stop.wait()
     return 0
 
