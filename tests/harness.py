@@ -8,6 +8,7 @@ progress exactly where it struck.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import yaml
 
 # (userid, user_check_time in epoch ms, device_id): how a punch is recognised in DingTalk.
 UploadKey = tuple[str, int, str]
@@ -153,44 +156,52 @@ def write_config(
     timezone_name: str = "Asia/Shanghai",
     dingtalk_timeout_seconds: float = 1.0,
     poll_interval_seconds: float = 1.0,
+    log_format: str = "json",
 ) -> Path:
     """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it."""
-    lines = [
-        "dingtalk:",
-        f"  app_key: {app_key}",
-        f"  app_secret: {app_secret}",
-        f"  api_base: {api_base}",
-        f"  timeout_seconds: {dingtalk_timeout_seconds}",
-        "store:",
-        f"  path: {store}",
-        "poll:",
-        f"  interval_seconds: {poll_interval_seconds}",
-        "  timeout_seconds: 2",
-        "users:",
-        "  map:",
-        *(f'    "{enroll}": {userid}' for enroll, userid in users.items()),
-        "devices:",
-    ]
-    for name, port in devices:
-        lines += [
-            f"  - name: {name}",
-            "    host: 127.0.0.1",
-            f"    port: {port}",
-            f"    timezone: {timezone_name}",
-        ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    document = {
+        "dingtalk": {
+            "app_key": app_key,
+            "app_secret": app_secret,
+            "api_base": api_base,
+            "timeout_seconds": dingtalk_timeout_seconds,
+        },
+        "store": {"path": str(store)},
+        "poll": {"interval_seconds": poll_interval_seconds, "timeout_seconds": 2},
+        "users": {"map": dict(users)},
+        "devices": [
+            {"name": name, "host": "127.0.0.1", "port": port, "timezone": timezone_name}
+            for name, port in devices
+        ],
+        "log": {"format": log_format},
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
+
+
+def run_cli(args: Sequence[str], *, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run `python -m zkdingsync ARGS` and return the finished process with its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "zkdingsync", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 class DaemonProcess:
     """`python -m zkdingsync run -c CONFIG` as a child process, its output in files under `directory`."""
 
-    def __init__(self, config: Path, directory: Path, name: str = "daemon") -> None:
+    def __init__(
+        self, config: Path, directory: Path, name: str = "daemon", environ: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self.stdout_path = directory / f"{name}.out"
         self.stderr_path = directory / f"{name}.err"
         env = {key: value for key, value in os.environ.items() if not key.startswith("ZKDINGSYNC_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(environ or {})
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "zkdingsync", "run", "-c", str(config)],
@@ -237,6 +248,22 @@ class DaemonProcess:
     def stdout(self) -> str:
         """Everything the child wrote on stdout so far."""
         return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the child."""
+        self.process.send_signal(signum)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The child's log events (JSON lines on stderr) named `name`."""
+        found = []
+        for line in self.stderr().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == name:
+                found.append(entry)
+        return found
 
     def ensure_dead(self) -> None:
         """Kill the child if it still runs (test clean-up)."""

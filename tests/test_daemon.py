@@ -8,23 +8,66 @@ import signal
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
-from daemon_harness import DaemonProcess, config_document, expected_uploads, received, run_cli, write_config
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
+from harness import DaemonProcess, run_cli, write_config
 
 from zkdingsync.cli import EXIT_CONFIG
 from zkdingsync.dingtalk.fake import FakeDingTalk
 from zkdingsync.simulator import FakeTerminal, history_start
 
 USERS = {"1001": "alice", "1002": "bob", "1003": "carol"}
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+APP_KEY = "dinge2e"
+APP_SECRET = "e2e-secret-value-1234"
+
+
+def configure(path: Path, dingtalk: FakeDingTalk, fleet: dict[str, FakeTerminal]) -> Path:
+    """Write the daemon's config for these fakes (store beside it) and return its path."""
+    return write_config(
+        path,
+        store=path.parent / "zk.db",
+        api_base=dingtalk.url,
+        devices=[(name, terminal.port) for name, terminal in fleet.items()],
+        users=USERS,
+        app_key=APP_KEY,
+        app_secret=APP_SECRET,
+        dingtalk_timeout_seconds=2,
+    )
+
+
+def expected_uploads(fleet: dict[str, FakeTerminal]) -> list[tuple[str, str, str]]:
+    """Every mapped punch the terminals recorded, as (userid, local time, serial)."""
+    return sorted(
+        (USERS[record.enroll_number], record.local_time, terminal.serial)
+        for terminal in fleet.values()
+        for record in terminal.records
+        if record.enroll_number in USERS
+    )
+
+
+def received(dingtalk: FakeDingTalk) -> list[tuple[str, str, str]]:
+    """What DingTalk accepted, as (userid, Shanghai wall-clock time, device_id)."""
+    return sorted(
+        (
+            str(upload["userid"]),
+            datetime.fromtimestamp(int(upload["user_check_time"]) / 1000, SHANGHAI).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+            str(upload["device_id"]),
+        )
+        for upload in dingtalk.uploads
+    )
 
 
 @pytest.fixture
 def dingtalk() -> Iterator[FakeDingTalk]:
-    from daemon_harness import APP_KEY, APP_SECRET
-
     with FakeDingTalk(users=USERS.values(), app_key=APP_KEY, app_secret=APP_SECRET) as fake:
         yield fake
 
@@ -48,28 +91,26 @@ def test_every_punch_is_delivered_exactly_once_while_punches_keep_coming(
             serial="E2E00003", record_size=49, users=3, records=30, first_punch=history_start(30)
         ),
     }
-    config = write_config(
-        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, fleet, USERS)
-    )
-    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    config = configure(tmp_path / "config.yaml", dingtalk, fleet)
+    daemon = DaemonProcess(config, tmp_path)
     try:
         wait_for(lambda: len(dingtalk.uploads) >= 60, timeout=30, interval=0.05)
         # Punches made while the daemon runs.
         for terminal in fleet.values():
             for enroll in ("1001", "1002", "1003"):
                 terminal.add_punch(enroll, punch_state=1)
-        expected = expected_uploads(fleet, USERS)
+        expected = expected_uploads(fleet)
         wait_for(lambda: len(dingtalk.uploads) >= len(expected), timeout=30, interval=0.05)
     finally:
-        code = daemon.stop(timeout=10)
-    assert code == 0, daemon.log_text()[-3000:]
+        code = daemon.terminate(timeout=10)
+    assert code == 0, daemon.stderr()[-3000:]
     assert received(dingtalk) == expected
     assert not [key for key, n in Counter(received(dingtalk)).items() if n > 1]
     assert all(terminal.enabled for terminal in fleet.values())
     # Every upload names the terminal as configured and its serial as the device id.
     names = {terminal.serial: name for name, terminal in fleet.items()}
     assert all(names[u["device_id"]] == u["device_name"] for u in dingtalk.uploads)
-    assert "Traceback" not in daemon.log_text()
+    assert "Traceback" not in daemon.stderr()
 
 
 def test_status_while_running_shows_parked_unmapped_employee(
@@ -78,10 +119,8 @@ def test_status_while_running_shows_parked_unmapped_employee(
     lobby = terminals(
         serial="E2E00011", record_size=40, users=4, records=8, first_punch=history_start(8)
     )  # user 1004 is not mapped
-    config = write_config(
-        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, {"lobby": lobby}, USERS)
-    )
-    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
+    daemon = DaemonProcess(config, tmp_path)
     try:
         wait_for(lambda: len(dingtalk.uploads) >= 6, timeout=30, interval=0.05)
 
@@ -99,11 +138,9 @@ def test_status_while_running_shows_parked_unmapped_employee(
         assert result.returncode == 0, result.stderr
         assert "2" in result.stdout
     finally:
-        assert daemon.stop(timeout=10) == 0
+        assert daemon.terminate(timeout=10) == 0
     # The unmapped enroll number is logged once, not once per punch.
-    assert (
-        len([line for line in daemon.log_text().splitlines() if "1004" in line and "unmapped" in line]) <= 2
-    )
+    assert len([line for line in daemon.stderr().splitlines() if "1004" in line and "unmapped" in line]) <= 2
 
 
 def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one_is_broken(
@@ -118,14 +155,11 @@ def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one
         records=3,
         first_punch=history_start(3),
     )
-    store = tmp_path / "zk.db"
-    config = write_config(
-        tmp_path / "config.yaml", config_document(store, dingtalk.url, {"lobby": lobby}, USERS)
-    )
-    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
+    daemon = DaemonProcess(config, tmp_path)
     try:
         wait_for(lambda: len(dingtalk.uploads) >= 3, timeout=30, interval=0.05)
-        write_config(config, config_document(store, dingtalk.url, {"lobby": lobby, "gate": gate}, USERS))
+        configure(config, dingtalk, {"lobby": lobby, "gate": gate})
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: len(dingtalk.uploads) >= 6, timeout=30, interval=0.05)
         assert {u["device_id"] for u in dingtalk.uploads} == {"E2E00021", "E2E00022"}
@@ -135,10 +169,10 @@ def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one
         wait_for(lambda: daemon.events("config.reload_rejected"), timeout=10, interval=0.05)
         gate.add_punch("1002")  # still polled: the old config stays in force
         wait_for(lambda: len(dingtalk.uploads) >= 7, timeout=30, interval=0.05)
-        assert daemon.process is not None and daemon.process.poll() is None
+        assert daemon.running()
     finally:
-        assert daemon.stop(timeout=10) == 0
-    assert "prot" in daemon.events("config.reload_rejected")[0]
+        assert daemon.terminate(timeout=10) == 0
+    assert "prot" in str(daemon.events("config.reload_rejected")[0]["problems"])
 
 
 def test_run_with_a_bad_config_exits_78_without_traceback(tmp_path: Path) -> None:
@@ -166,9 +200,7 @@ def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
     tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
 ) -> None:
     lobby = terminals(serial="E2E00031", record_size=40, users=3, records=3, first_punch=history_start(3))
-    config = write_config(
-        tmp_path / "config.yaml", config_document(tmp_path / "zk.db", dingtalk.url, {"lobby": lobby}, USERS)
-    )
+    config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
     heard: list[str] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(str(tmp_path / "notify.sock"))
@@ -183,7 +215,7 @@ def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
             return any(message.startswith(prefix) for message in heard)
 
         environ = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
-        daemon = DaemonProcess(config, tmp_path / "daemon.log", environ=environ).start()
+        daemon = DaemonProcess(config, tmp_path, environ=environ)
         try:
             wait_for(lambda: hear("READY=1"), timeout=20)
             wait_for(lambda: hear("WATCHDOG=1"), timeout=10)
@@ -191,7 +223,7 @@ def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
             daemon.signal(signal.SIGHUP)
             wait_for(lambda: hear("RELOADING=1"), timeout=10)
         finally:
-            assert daemon.stop(timeout=10) == 0
+            assert daemon.terminate(timeout=10) == 0
         wait_for(lambda: hear("STOPPING=1"), timeout=5)
     assert heard.index("READY=1") < heard.index("RELOADING=1") < heard.index("STOPPING=1")
     assert heard.count("READY=1") == 2  # started, and reloaded
