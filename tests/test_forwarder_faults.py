@@ -338,3 +338,23 @@ def test_a_concurrent_success_does_not_end_a_hold(tmp_path: Path) -> None:
         world.delivered_once()
     finally:
         world.close()
+
+
+def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
+    alerts: list[str] = []
+    world.forwarder = Forwarder(
+        world.store,
+        world.client,
+        UserMapper(USERS),
+        concurrency=1,
+        clock=world.clock,
+        sleep=world.clock.sleep,
+        alert=alerts.append,
+    )
+    world.fake.fail_next(90020)
+    world.forwarder.step()
+    world.clock.advance(3600)
+    world.delivered_once()
+    assert len(alerts) == 2
+    assert alerts[0].startswith("delivery to DingTalk paused: the organisation's monthly DingTalk API quota")
+    assert alerts[1] == "delivery to DingTalk resumed"

@@ -247,6 +247,7 @@ class Forwarder:
         max_wait_seconds: float = 60.0,
         settle_delay_seconds: float = 30.0,
         settle_interval_seconds: float = 60.0,
+        alert: Callable[[str], Any] | None = None,
     ) -> None:
         """Given the store, the DingTalk client and the user mapper, build a forwarder.
 
@@ -254,7 +255,8 @@ class Forwarder:
         (default: time.monotonic with the default clock, else the clock's timestamps, so that a fake
         clock drives both); `sleep(seconds)` does every wait (default: the stop event's `wait`).
         `settle_delay_seconds`: how long an unknown outcome rests before it is read back (DingTalk may
-        still be writing it). `monthly_call_quota` None or 0: no local budget.
+        still be writing it). `monthly_call_quota` None or 0: no local budget. `alert(text)` hears the
+        events a human should know about (pause, resume, budget); it must not block (RobotNotifier.notify).
         """
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -297,6 +299,7 @@ class Forwarder:
         self._quota_warned = False
         self._quota_exhausted = False
         self._store_failing = False
+        self._alert = alert
 
     # ------------------------------------------------------------------ life cycle
 
@@ -444,10 +447,14 @@ class Forwarder:
                     action="uploads stop until next month; punches keep being stored",
                 )
                 self._quota_exhausted = True
+                self._tell(
+                    f"DingTalk call budget spent ({used}/{quota} in {month}): uploads stop until next month"
+                )
             return 0
         if used >= quota * QUOTA_WARNING_SHARE and not self._quota_warned:
             log.warning("delivery.quota_warning", month=month, calls=used, quota=quota)
             self._quota_warned = True
+            self._tell(f"{used} of {quota} DingTalk calls used in {month}")
         return quota - used
 
     # ------------------------------------------------------------------ sending
@@ -675,6 +682,7 @@ class Forwarder:
             log.info("delivery.recovered", outage_seconds=round((now - outage_since).total_seconds(), 1))
         if pause is not None:
             log.warning("delivery.resumed", paused_seconds=round((now - pause.since).total_seconds(), 1))
+            self._tell("delivery to DingTalk resumed")
             try:
                 self._store.delete_value(PAUSED_KEY)
             except StoreError as error:
@@ -697,11 +705,21 @@ class Forwarder:
                 recheck_in_seconds=round(outcome.wait_seconds),
                 action="fix the cause; punches keep being stored and are sent once DingTalk accepts them",
             )
+            self._tell(f"delivery to DingTalk paused: {outcome.reason}")
             try:
                 self._store.set_value(PAUSED_KEY, outcome.reason)
             except StoreError as error:
                 log.warning("delivery.status_unwritable", error=str(error))
         return recheck_at
+
+    def _tell(self, text: str) -> None:
+        """Pass an event to the alert hook, if any (best effort: delivery goes on whatever it does)."""
+        if self._alert is None:
+            return
+        try:
+            self._alert(text)
+        except Exception:  # the hook is someone else's code; an alert must never stop delivery
+            log.exception("delivery.alert_failed")
 
     def _schedule_settle(self, at: datetime) -> None:
         with self._state:
