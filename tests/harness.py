@@ -157,6 +157,7 @@ def write_config(
     dingtalk_timeout_seconds: float = 1.0,
     poll_interval_seconds: float = 1.0,
     log_format: str = "json",
+    readback_delay_seconds: float = 2.0,
 ) -> Path:
     """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it."""
     document = {
@@ -165,6 +166,8 @@ def write_config(
             "app_secret": app_secret,
             "api_base": api_base,
             "timeout_seconds": dingtalk_timeout_seconds,
+            # Tests settle unknown outcomes quickly; the shipped default waits 30 s.
+            "readback_delay_seconds": readback_delay_seconds,
         },
         "store": {"path": str(store)},
         "poll": {"interval_seconds": poll_interval_seconds, "timeout_seconds": 2},

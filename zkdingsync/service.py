@@ -102,6 +102,7 @@ class Daemon:
             rate_per_second=config.dingtalk.rate_per_second,
             concurrency=config.dingtalk.concurrency,
             monthly_call_quota=config.dingtalk.monthly_call_quota,
+            settle_delay_seconds=config.dingtalk.readback_delay_seconds,
             stop_event=self.signals.stop,
         )
         self.poller = Poller.from_config(config, store=self.store)

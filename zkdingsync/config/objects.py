@@ -37,6 +37,7 @@ class DingTalkConfig:
     rate_per_second: float = 10.0
     concurrency: int = 4
     monthly_call_quota: int = 5000
+    readback_delay_seconds: float = 30.0
     robot: RobotConfig | None = None
 
 
