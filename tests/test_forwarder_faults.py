@@ -358,3 +358,9 @@ def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
     assert len(alerts) == 2
     assert alerts[0].startswith("delivery to DingTalk paused: the organisation's monthly DingTalk API quota")
     assert alerts[1] == "delivery to DingTalk resumed"
+
+
+def test_a_pause_left_by_an_earlier_run_is_forgotten(world: World) -> None:
+    world.store.set_value(PAUSED_KEY, "the organisation's monthly DingTalk API quota is exhausted")
+    world.delivered_once()
+    assert world.store.get_value(PAUSED_KEY, now=world.clock.now) is None

@@ -391,6 +391,10 @@ class Forwarder:
         """
         now = self._clock()
         try:
+            if self._next_settle_at is None:
+                # A pause published by an earlier run is forgotten: if its cause remains, the first
+                # call says so again.
+                self._store.delete_value(PAUSED_KEY)
             if self._next_settle_at is None or now >= self._next_settle_at:
                 self.settle_in_flight()
             wait = self._blocked_for(now)
