@@ -19,7 +19,8 @@ machinery), with its traps disarmed in `_SdkClient` below.
 Monthly quota: every upload and read-back call that may have reached DingTalk is counted in the store under
 its UTC month ("2026-11"; token and contacts calls are free, QPS-rejected calls are not counted by DingTalk
 either). DingTalk's month is China's (UTC+8): the last 8 hours of a UTC month already belong to its next
-month, so a new month's count here starts low by at most those 8 hours of calls.
+month, so a new month's count here starts low by at most those 8 hours of calls. Counts reach the store in
+small groups (`flush_call_counts`; the forwarder flushes before every budget check).
 """
 
 from __future__ import annotations
@@ -259,6 +260,8 @@ def _connection_never_opened(error: requests.exceptions.ConnectionError) -> bool
     """Return True if the request certainly never left this host (refused, DNS, connect timeout)."""
     if isinstance(error, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
         return True
+    if isinstance(error, requests.exceptions.SSLError):
+        return True  # a TLS failure is a handshake failure in practice: nothing was sent yet
     text = repr(error)
     # urllib3 wraps a failure to connect in NewConnectionError / NameResolutionError; a reset or a close
     # after the request was written shows up as ProtocolError ("Connection aborted.").
