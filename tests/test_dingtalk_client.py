@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import requests
@@ -56,7 +57,7 @@ def an_upload(userid: str = "manager4220", minutes_ago: int = 60) -> Upload:
 
 def calls_counted(store: Store, client: DingTalkClient) -> int:
     client.flush_call_counts()
-    return store.calls_in_month(call_month(datetime.now(timezone.utc)))
+    return store.calls_in_month(client.month_of(datetime.now(timezone.utc)))
 
 
 def test_upload_is_delivered_with_every_field_and_counted(fake: FakeDingTalk, store: Store) -> None:
@@ -232,7 +233,7 @@ def test_connection_refused_is_transient_and_not_counted(fake: FakeDingTalk, sto
 
 
 def test_call_counts_reach_the_store_in_groups(store: Store) -> None:
-    month = call_month(datetime.now(timezone.utc))
+    month = call_month(datetime.now(timezone.utc), ZoneInfo("Asia/Shanghai"))  # the client's default zone
     with FakeDingTalk({"manager4220"}, app_secret=APP_SECRET, qps_limit=None) as fake:
         client = make_client(fake, store)
         for minutes in range(60, 60 + COUNT_FLUSH_CALLS):

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import requests
@@ -297,7 +298,7 @@ def test_read_back_plan_respects_dingtalk_limits() -> None:
 
 def test_monthly_budget_warns_at_80_percent_then_stops(store: Store) -> None:
     clock = FakeClock(datetime.now(timezone.utc))
-    month = call_month(clock.now)
+    month = call_month(clock.now, ZoneInfo("Asia/Shanghai"))  # the client's default zone
     store.count_calls(month, 8)
     save(store, make_punches(5, first_ms=hour_ago_ms()), at=clock.now)
     with FakeDingTalk(set(USERS.values())) as fake, structlog.testing.capture_logs() as events:

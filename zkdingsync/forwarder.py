@@ -38,7 +38,6 @@ from zkdingsync.dingtalk.client import (
     MAX_READ_BACK_SPAN,
     MAX_READ_BACK_USERS,
     DingTalkError,
-    call_month,
 )
 from zkdingsync.errors import StoreError
 from zkdingsync.mapping import unmapped_reason
@@ -90,6 +89,8 @@ class Uploader(Protocol):
     ) -> list[dict[str, Any]]: ...
 
     def flush_call_counts(self) -> None: ...
+
+    def month_of(self, at: datetime) -> str: ...
 
 
 class Resolver(Protocol):
@@ -435,7 +436,7 @@ class Forwarder:
         if quota is None:
             return None
         self._client.flush_call_counts()  # the client counts in memory between flushes
-        month = call_month(now)
+        month = self._client.month_of(now)
         if month != self._quota_month:
             if self._quota_exhausted:
                 log.info("delivery.quota_renewed", month=month)

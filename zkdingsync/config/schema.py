@@ -173,9 +173,9 @@ SCHEMA = Key(
                 Key(
                     "readback_delay_seconds",
                     "number",
-                    "How long an upload whose outcome is unknown (no answer, or a restart in the middle) rests "
-                    "before DingTalk is read back to see whether it arrived; only what is not there is sent "
-                    "again.",
+                    "How long an upload whose outcome is unknown (no answer, or a restart in the middle) "
+                    "rests before DingTalk is read back to see whether it arrived; only what is not there "
+                    "is sent again.",
                     default=30.0,
                     minimum=0,
                     maximum=3600,

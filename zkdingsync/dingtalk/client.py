@@ -35,7 +35,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -149,9 +149,10 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def call_month(at: datetime) -> str:
-    """Given a moment, return the month its DingTalk calls are counted under ("2026-11", UTC)."""
-    return at.astimezone(timezone.utc).strftime("%Y-%m")
+def call_month(at: datetime, zone: tzinfo = timezone.utc) -> str:
+    """Given a moment and the organisation's timezone, return the month its DingTalk calls are counted
+    under ("2026-11"). `status` reads the count with the same month (`status.quota_month`)."""
+    return at.astimezone(zone).strftime("%Y-%m")
 
 
 def _short(text: object) -> str:
@@ -437,6 +438,10 @@ class DingTalkClient:
         self._sdk.close()
 
     # ------------------------------------------------------------------ public calls
+
+    def month_of(self, at: datetime) -> str:
+        """Return the month ("2026-11", in the organisation's timezone) that calls made at `at` count in."""
+        return call_month(at, self._org_zone)
 
     def upload(self, upload: Upload) -> Outcome:
         """Upload one punch and return how DingTalk answered.
@@ -752,7 +757,7 @@ class DingTalkClient:
         """
         now = self._clock()
         with self._count_lock:
-            self._unsaved_counts[call_month(now)] += 1
+            self._unsaved_counts[self.month_of(now)] += 1
             if self._unsaved_since is None:
                 self._unsaved_since = now
             due = (
