@@ -34,8 +34,10 @@ test: lint typecheck
 docs: $(VENV)/.installed
 	$(BIN)/python -m zkdingsync.config.docs
 
+# Every bench_*.py in bench/ (several minutes; figures in BENCHMARKS.md), or some: make bench BENCH=daemon
+BENCH ?=
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
