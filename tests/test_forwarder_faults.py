@@ -18,9 +18,10 @@ import structlog
 
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
-from zkdingsync.forwarder import PAUSED_KEY, Forwarder
+from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, Punch
+from zkdingsync.status import DINGTALK_HEALTH_KEY
 from zkdingsync.store import Store
 
 USERS = {"1001": "manager4220", "1002": "clerk7", "1003": "boss"}
@@ -235,7 +236,8 @@ def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> Non
     with structlog.testing.capture_logs() as events:
         world.forwarder.step()
         assert world.forwarder.paused is not None
-        assert world.store.get_value(PAUSED_KEY, now=world.clock.now)
+        health = world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now)
+        assert health is not None and health.startswith("paused: ")
         assert world.fake.calls["upload"] == 1  # the rest of the batch was not sent
         assert world.store.delivery_counts()[Delivery.PENDING] == 3
         for _ in range(2):  # two more rechecks, one probe each, still exhausted
@@ -247,7 +249,7 @@ def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> Non
     names = [event["event"] for event in events]
     assert names.count("delivery.paused") == 1
     assert names.count("delivery.resumed") == 1
-    assert world.store.get_value(PAUSED_KEY, now=world.clock.now) is None
+    assert world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now) == "ok"
 
 
 def test_persistent_bad_token_is_bounded_then_needs_a_human(world: World) -> None:
@@ -361,6 +363,8 @@ def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
 
 
 def test_a_pause_left_by_an_earlier_run_is_forgotten(world: World) -> None:
-    world.store.set_value(PAUSED_KEY, "the organisation's monthly DingTalk API quota is exhausted")
+    world.store.set_value(
+        DINGTALK_HEALTH_KEY, "paused: the organisation's monthly DingTalk API quota is exhausted"
+    )
     world.delivered_once()
-    assert world.store.get_value(PAUSED_KEY, now=world.clock.now) is None
+    assert world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now) == "ok"

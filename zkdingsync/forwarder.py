@@ -42,11 +42,17 @@ from zkdingsync.dingtalk.client import (
 from zkdingsync.errors import StoreError
 from zkdingsync.mapping import unmapped_reason
 from zkdingsync.model import Delivery, Outcome, OutcomeKind, Upload
+from zkdingsync.status import (
+    DINGTALK_HEALTH_AT_KEY,
+    DINGTALK_HEALTH_KEY,
+    HEALTH_ERROR_PREFIX,
+    HEALTH_OK,
+    HEALTH_PAUSED_PREFIX,
+)
 
 log = structlog.get_logger(__name__)
 
 # Store key under which a pause of all delivery is published (for `status`); deleted on resume.
-PAUSED_KEY = "delivery.paused"
 QUOTA_WARNING_SHARE = 0.8
 # A read-back asks for windows this far inside DingTalk's 180 days, so that the request itself is valid.
 READ_BACK_MARGIN = timedelta(days=1)
@@ -300,6 +306,7 @@ class Forwarder:
         self._quota_warned = False
         self._quota_exhausted = False
         self._store_failing = False
+        self._health: str | None = None  # last published to the store for `status`
         self._alert = alert
 
     # ------------------------------------------------------------------ life cycle
@@ -393,9 +400,8 @@ class Forwarder:
         now = self._clock()
         try:
             if self._next_settle_at is None:
-                # A pause published by an earlier run is forgotten: if its cause remains, the first
-                # call says so again.
-                self._store.delete_value(PAUSED_KEY)
+                # Health published by an earlier run is forgotten: the first call says it again.
+                self._store.delete_value(DINGTALK_HEALTH_KEY)
             if self._next_settle_at is None or now >= self._next_settle_at:
                 self.settle_in_flight()
             wait = self._blocked_for(now)
@@ -661,6 +667,7 @@ class Forwarder:
             log.warning(
                 "delivery.held", reason=outcome.reason, code=outcome.code, wait_seconds=round(wait, 1)
             )
+            self._publish_health(f"{HEALTH_ERROR_PREFIX} {outcome.reason}", now)
         else:
             log.debug(
                 "delivery.still_held", reason=outcome.reason, failures=failures, wait_seconds=round(wait, 1)
@@ -688,10 +695,8 @@ class Forwarder:
         if pause is not None:
             log.warning("delivery.resumed", paused_seconds=round((now - pause.since).total_seconds(), 1))
             self._tell("delivery to DingTalk resumed")
-            try:
-                self._store.delete_value(PAUSED_KEY)
-            except StoreError as error:
-                log.warning("delivery.status_unwritable", error=str(error))
+        if ends_pause:
+            self._publish_health(HEALTH_OK, now)
 
     def _on_needs_human(self, outcome: Outcome, now: datetime, call: int) -> datetime:
         """Pause all delivery (logged loudly once, again if the reason changes); return the recheck time."""
@@ -711,11 +716,20 @@ class Forwarder:
                 action="fix the cause; punches keep being stored and are sent once DingTalk accepts them",
             )
             self._tell(f"delivery to DingTalk paused: {outcome.reason}")
-            try:
-                self._store.set_value(PAUSED_KEY, outcome.reason)
-            except StoreError as error:
-                log.warning("delivery.status_unwritable", error=str(error))
+            self._publish_health(f"{HEALTH_PAUSED_PREFIX} {outcome.reason}", now)
         return recheck_at
+
+    def _publish_health(self, health: str, now: datetime) -> None:
+        """Write DingTalk's health for `status` when it changes (each write is a commit: not every call)."""
+        with self._state:
+            if health == self._health:
+                return
+            self._health = health
+        try:
+            self._store.set_value(DINGTALK_HEALTH_KEY, health)
+            self._store.set_value(DINGTALK_HEALTH_AT_KEY, now.isoformat())
+        except StoreError as error:
+            log.warning("delivery.status_unwritable", error=str(error))
 
     def _tell(self, text: str) -> None:
         """Pass an event to the alert hook, if any (best effort: delivery goes on whatever it does)."""
