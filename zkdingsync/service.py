@@ -22,8 +22,10 @@ from typing import Protocol
 import structlog
 
 from zkdingsync import systemd
+from zkdingsync.alerts import CHECK_EVERY_SECONDS, Watch
 from zkdingsync.config import Config, load_config
 from zkdingsync.dingtalk.client import DingTalkClient
+from zkdingsync.dingtalk.robot import RobotNotifier
 from zkdingsync.errors import ConfigError
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
@@ -95,6 +97,19 @@ class Daemon:
             config.dingtalk, store=self.store, org_timezone=config.timezone
         )
         self.mapper = self._mapper(config)
+        robot = config.dingtalk.robot
+        self.notifier = (
+            RobotNotifier(
+                self.client, robot.access_token, robot.secret, min_interval_seconds=robot.min_interval_seconds
+            ).start()
+            if robot
+            else None
+        )
+        self.watch = (
+            Watch(timedelta(minutes=robot.terminal_down_minutes), config.poll.drift_threshold_seconds)
+            if robot
+            else None
+        )
         self.forwarder = Forwarder(
             self.store,
             self.client,
@@ -104,6 +119,7 @@ class Daemon:
             monthly_call_quota=config.dingtalk.monthly_call_quota,
             settle_delay_seconds=config.dingtalk.readback_delay_seconds,
             stop_event=self.signals.stop,
+            alert=self.notifier.notify if self.notifier else None,
         )
         self.poller = Poller.from_config(config, store=self.store)
         self._threads: list[threading.Thread] = []
@@ -144,7 +160,7 @@ class Daemon:
         summary = _Summary(time.monotonic(), *self._totals())
         interval = systemd.watchdog_interval()
         under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
-        status_due = 0.0
+        status_due = alerts_due = 0.0
         while not self.signals.stop.is_set():
             self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
             self.signals.wake.clear()
@@ -156,6 +172,9 @@ class Daemon:
                 # Counting states reads an index of every punch: every few seconds, not every tick.
                 systemd.status(self.status_line())
                 status_due = time.monotonic() + STATUS_EVERY_SECONDS
+            if self.watch is not None and time.monotonic() >= alerts_due:
+                self._alert()
+                alerts_due = time.monotonic() + CHECK_EVERY_SECONDS
             if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
                 summary = self._log_summary(summary)
         return self.stop()
@@ -172,6 +191,8 @@ class Daemon:
             # Whatever they were doing is safe to abandon: the store only moves on commit, and uploads left
             # in flight are settled by reading DingTalk back at the next start.
             log.warning("daemon.stop_timeout", still_running=stuck)
+        if self.notifier is not None:
+            self.notifier.close()
         self.store.close()
         log.info("daemon.stopped")
         return 0
@@ -197,6 +218,20 @@ class Daemon:
         self.config = new
         log.info("config.reloaded", terminals=len(new.devices))
         systemd.ready()
+
+    def _alert(self) -> None:
+        """Tell the group robot about terminals down for long, newly parked punches, clock drift."""
+        assert self.watch is not None and self.notifier is not None  # noqa: S101 - checked by the caller
+        reasons = self.store.park_reasons(1)
+        messages = self.watch.check(
+            self.store.checkpoints(),
+            self.store.count_in(Delivery.PARKED),
+            reasons[0][0] if reasons else None,
+            self.clock(),
+            [device.name for device in self.config.devices],
+        )
+        for message in messages:
+            self.notifier.notify(message)
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: terminals up, pending and parked punches."""

@@ -486,6 +486,10 @@ class Store:
             counts[Delivery(row[0])] = row[1]
         return counts
 
+    def count_in(self, delivery: Delivery) -> int:
+        """Return how many punches are in one delivery state (an index range: cheap on a large store)."""
+        return int(self._query("SELECT count(*) FROM punches WHERE delivery = ?", (delivery.value,))[0][0])
+
     def park_reasons(self, limit: int = 5, *, delivery: Delivery = Delivery.PARKED) -> list[tuple[str, int]]:
         """Return the most frequent reasons of parked (or quarantined) punches with their counts."""
         rows = self._query(

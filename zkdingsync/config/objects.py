@@ -24,6 +24,7 @@ class RobotConfig:
     access_token: str = field(repr=False)
     secret: str | None = field(default=None, repr=False)
     min_interval_seconds: float = 3.0
+    terminal_down_minutes: float = 10.0
 
 
 @dataclass(frozen=True)

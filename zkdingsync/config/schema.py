@@ -100,6 +100,15 @@ _ROBOT = Key(
             minimum=3,
             maximum=86400,
         ),
+        Key(
+            "terminal_down_minutes",
+            "number",
+            "Tell the group when a terminal has been unreachable this long (and again when it is back); "
+            "0: at its first failed poll.",
+            default=10.0,
+            minimum=0,
+            maximum=10080,
+        ),
     ),
 )
 
