@@ -229,3 +229,44 @@ def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
     assert heard.count("READY=1") == 2  # started, and reloaded
     status = next(message for message in heard if message.startswith("STATUS="))
     assert re.fullmatch(r"STATUS=[01]/1 terminals ok, \d+ pending, \d+ parked", status)
+
+
+def test_retry_after_hr_fills_in_a_job_number_delivers_the_parked_punches(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal]
+) -> None:
+    lobby = terminals(serial="E2E00041", record_size=40, users=3, records=6, first_punch=history_start(6))
+    # DingTalk knows alice and bob by job number; carol's job number is not filled in yet.
+    with FakeDingTalk(
+        users={"alice": "1001", "bob": "1002", "carol": None}, app_key=APP_KEY, app_secret=APP_SECRET
+    ) as fake:
+        config = write_config(
+            tmp_path / "config.yaml",
+            store=tmp_path / "zk.db",
+            api_base=fake.url,
+            devices=[("lobby", lobby.port)],
+            users={},
+            app_key=APP_KEY,
+            app_secret=APP_SECRET,
+        )
+        config.write_text(
+            config.read_text(encoding="utf-8").replace(
+                "users:\n  map: {}", "users:\n  match_job_number: true"
+            ),
+            encoding="utf-8",
+        )
+        daemon = DaemonProcess(config, tmp_path)
+        try:
+            wait_for(lambda: len(fake.uploads) == 4, timeout=30, interval=0.05)
+
+            def parked() -> bool:
+                document = json.loads(run_cli(["status", "--json", "-c", str(config)]).stdout)
+                return bool(document["delivery"]["parked"] == 2)
+
+            wait_for(parked, timeout=20, interval=0.2)
+            fake.set_users({"alice": "1001", "bob": "1002", "carol": "1003"})
+            result = run_cli(["retry", "-c", str(config)])
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: len(fake.uploads) == 6, timeout=30, interval=0.05)
+        finally:
+            assert daemon.terminate(timeout=10) == 0
+    assert sorted(u["userid"] for u in fake.uploads) == ["alice", "alice", "bob", "bob", "carol", "carol"]

@@ -42,6 +42,7 @@ from zkdingsync.dingtalk.client import (
 from zkdingsync.errors import StoreError
 from zkdingsync.mapping import unmapped_reason
 from zkdingsync.model import Delivery, Outcome, OutcomeKind, Upload
+from zkdingsync.retry import MAPPING_REFRESH_KEY
 from zkdingsync.status import (
     DINGTALK_HEALTH_AT_KEY,
     DINGTALK_HEALTH_KEY,
@@ -78,6 +79,8 @@ class DeliveryStore(Protocol):
 
     def calls_in_month(self, month: str) -> int: ...
 
+    def get_value(self, key: str, *, now: datetime) -> str | None: ...
+
     def set_value(self, key: str, value: str, *, expires_at: datetime | None = None) -> None: ...
 
     def delete_value(self, key: str) -> None: ...
@@ -107,6 +110,8 @@ class Resolver(Protocol):
     def report_unmapped(self, enroll_number: str) -> str: ...
 
     def maybe_refresh(self) -> bool: ...
+
+    def request_refresh(self) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -410,6 +415,10 @@ class Forwarder:
             room = self._quota_room(now)
             if room == 0:
                 return min(self._max_wait, (_next_month(now) - now).total_seconds())
+            if self._store.get_value(MAPPING_REFRESH_KEY, now=now) is not None:
+                # `retry` ran (HR may have filled in job numbers): fetch them before sending again.
+                self._store.delete_value(MAPPING_REFRESH_KEY)
+                self._mapper.request_refresh()
             self._mapper.maybe_refresh()
             result = self._send_batch(now, room)
         except StoreError as error:

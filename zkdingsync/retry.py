@@ -57,13 +57,14 @@ def retry_command(
         return 0
     try:
         with Store.open(path) as store:
+            # The request first: the daemon refreshes the job numbers before it takes the punches again.
+            store.set_value(MAPPING_REFRESH_KEY, now.isoformat())
             parked = store.requeue_parked(reason_contains=reason, device=device, now=now)
             quarantined = (
                 store.requeue_quarantined(reason_contains=reason, device=device, now=now)
                 if include_quarantined
                 else 0
             )
-            store.set_value(MAPPING_REFRESH_KEY, now.isoformat())
             counts = store.delivery_counts()
     except StoreError as error:
         err.write(f"zkdingsync retry: cannot update the store: {error}\n")

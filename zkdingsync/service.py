@@ -26,7 +26,7 @@ from zkdingsync.alerts import CHECK_EVERY_SECONDS, Watch
 from zkdingsync.config import Config, load_config
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.robot import RobotNotifier
-from zkdingsync.errors import ConfigError
+from zkdingsync.errors import ConfigError, StoreError
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery
@@ -160,7 +160,8 @@ class Daemon:
         summary = _Summary(time.monotonic(), *self._totals())
         interval = systemd.watchdog_interval()
         under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
-        status_due = alerts_due = 0.0
+        status_due = housekeeping_due = 0.0
+        store_failing = False
         while not self.signals.stop.is_set():
             self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
             self.signals.wake.clear()
@@ -168,16 +169,29 @@ class Daemon:
                 self.signals.reload.clear()
                 self.reload()
             systemd.watchdog()
-            if under_systemd and time.monotonic() >= status_due:
-                # Counting states reads an index of every punch: every few seconds, not every tick.
-                systemd.status(self.status_line())
-                status_due = time.monotonic() + STATUS_EVERY_SECONDS
-            if self.watch is not None and time.monotonic() >= alerts_due:
-                self._alert()
-                alerts_due = time.monotonic() + CHECK_EVERY_SECONDS
-            if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
-                summary = self._log_summary(summary)
+            try:
+                if under_systemd and time.monotonic() >= status_due:
+                    # Counting states reads an index of every punch: every few seconds, not every tick.
+                    systemd.status(self.status_line())
+                    status_due = time.monotonic() + STATUS_EVERY_SECONDS
+                if time.monotonic() >= housekeeping_due:
+                    self._housekeeping()
+                    housekeeping_due = time.monotonic() + CHECK_EVERY_SECONDS
+                if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
+                    summary = self._log_summary(summary)
+            except StoreError as error:
+                # The poller and forwarder report their own store trouble; this is only the bookkeeping.
+                if not store_failing:
+                    log.warning("daemon.store_unreadable", error=str(error))
+                store_failing = True
+            else:
+                store_failing = False
         return self.stop()
+
+    def _housekeeping(self) -> None:
+        """The group robot's alerts (more periodic chores belong here)."""
+        if self.watch is not None:
+            self._alert()
 
     def stop(self) -> int:
         """Let the workers finish the step in flight, close the store; return 0."""
@@ -221,7 +235,8 @@ class Daemon:
 
     def _alert(self) -> None:
         """Tell the group robot about terminals down for long, newly parked punches, clock drift."""
-        assert self.watch is not None and self.notifier is not None  # noqa: S101 - checked by the caller
+        if self.watch is None or self.notifier is None:
+            return
         reasons = self.store.park_reasons(1)
         messages = self.watch.check(
             self.store.checkpoints(),
