@@ -62,8 +62,9 @@ def test_form_body_uploads_are_accepted(fake: FakeDingTalk) -> None:
         ({"device_name": " "}, 400002),
         ({"user_check_time": 1.5e12}, 400002),
         ({"user_check_time": "soon"}, 400002),
-        ({"user_check_time": now_ms() + 60_000}, 400002),
-        ({"user_check_time": now_ms() - 181 * 24 * 3600 * 1000}, 400002),
+        # Offsets from the moment the test runs (parameters are built at collection, minutes earlier).
+        ({"user_check_time_offset_ms": 60_000}, 400002),
+        ({"user_check_time_offset_ms": -181 * 24 * 3600 * 1000}, 400002),
     ],
 )
 def test_every_upload_field_is_validated(fake: FakeDingTalk, change: dict[str, object], errcode: int) -> None:
@@ -74,6 +75,9 @@ def test_every_upload_field_is_validated(fake: FakeDingTalk, change: dict[str, o
         "user_check_time": now_ms() - 1000,
     }
     body.update(change)
+    offset = body.pop("user_check_time_offset_ms", None)
+    if isinstance(offset, int):
+        body["user_check_time"] = now_ms() + offset
     with requests.Session() as session:
         access = token(session, fake)
         answer = session.post(
