@@ -361,3 +361,27 @@ def test_stop_interrupts_every_wait(store: Store) -> None:
         assert not thread.is_alive()
         assert time.monotonic() - started < 2
     assert store.delivery_counts()[Delivery.IN_FLIGHT] == 0
+
+
+def test_wake_ends_an_idle_wait_at_once_but_stop_still_ends_the_loop(store: Store) -> None:
+    stop = threading.Event()
+    with FakeDingTalk(set(USERS.values())) as fake:
+        # An idle wait of a minute: only wake() can bring the new punch out in time.
+        forwarder = Forwarder(store, client_for(fake, store), UserMapper(USERS), idle_seconds=60)
+        thread = threading.Thread(target=forwarder.run, args=(stop,))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not forwarder._idle and time.monotonic() < deadline:  # it found nothing to send
+                stop.wait(0.01)
+            save(store, make_punches(1, first_ms=hour_ago_ms()))
+            forwarder.wake()
+            deadline = time.monotonic() + 10
+            while not fake.uploads and time.monotonic() < deadline:
+                stop.wait(0.01)
+            assert len(fake.uploads) == 1
+        finally:
+            stop.set()
+            forwarder.wake()
+            thread.join(timeout=5)
+        assert not thread.is_alive()

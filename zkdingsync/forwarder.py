@@ -312,6 +312,10 @@ class Forwarder:
         self._quota_exhausted = False
         self._store_failing = False
         self._health: str | None = None  # last published to the store for `status`
+        # Set by `wake()` when new punches are stored, so an idle forwarder need not wait out its idle time.
+        self._wake = threading.Event()
+        self._idle = False
+        self._default_sleep = sleep is None
         self._alert = alert
 
     # ------------------------------------------------------------------ life cycle
@@ -373,10 +377,19 @@ class Forwarder:
                     log.exception("delivery.unexpected_error")
                     wait = self._idle_seconds * 5
                 if wait > 0 and not self._stop.is_set():
-                    self._sleep(min(wait, self._max_wait))
+                    if self._idle and self._default_sleep:
+                        # Idle waits are short (stop is still noticed within one), and new punches end them.
+                        self._wake.wait(min(wait, self._max_wait))
+                        self._wake.clear()
+                    else:
+                        self._sleep(min(wait, self._max_wait))
         finally:
             self.close()
             log.info("delivery.stopped")
+
+    def wake(self) -> None:
+        """New punches were stored: end an idle wait now (a hold or pause still holds)."""
+        self._wake.set()
 
     def drain(self, *, max_steps: int = 100_000) -> bool:
         """Step (sleeping through waits with the injected sleep) until nothing is pending or in flight.
@@ -403,6 +416,7 @@ class Forwarder:
         that refuses (disk full, read-only) is logged once and retried after a pause.
         """
         now = self._clock()
+        self._idle = False
         try:
             if self._next_settle_at is None:
                 # Health published by an earlier run is forgotten: the first call says it again.
@@ -484,6 +498,7 @@ class Forwarder:
         if room is not None:
             limit = min(limit, room)
         batch = self._store.claim_due(now, limit)
+        self._idle = not batch
         if not batch:
             return self._idle_seconds
         started = time.monotonic()

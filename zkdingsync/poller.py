@@ -149,6 +149,7 @@ class Poller:
         reader: TerminalReader | None = None,
         jitter: Callable[[], float] | None = None,
         verify_every: timedelta = VERIFY_EVERY,
+        on_new_punches: Callable[[], object] | None = None,
     ) -> None:
         """Given the terminals, the store and the poll settings, prepare a poller (no thread started).
 
@@ -158,6 +159,8 @@ class Poller:
         self._store = store
         self._poll = poll
         self._verify_every = verify_every
+        # Called after new punches are committed (the daemon wakes the forwarder with it).
+        self._on_new_punches = on_new_punches
         self._clock = clock
         self._reader: TerminalReader = reader if reader is not None else ZkReader()
         self._jitter = jitter if jitter is not None else random.Random().random  # noqa: S311 - not crypto
@@ -177,9 +180,12 @@ class Poller:
         store: Store,
         reader: TerminalReader | None = None,
         clock: Callable[[], datetime] = utc_now,
+        on_new_punches: Callable[[], object] | None = None,
     ) -> Poller:
         """Given a loaded Config and the store, return a poller of its terminals with the real adapter."""
-        return cls(config.devices, store, poll=config.poll, clock=clock, reader=reader)
+        return cls(
+            config.devices, store, poll=config.poll, clock=clock, reader=reader, on_new_punches=on_new_punches
+        )
 
     # --------------------------------------------------------------------------------- schedule
 
@@ -375,6 +381,8 @@ class Poller:
         if read.downloaded:
             terminal.digest = read.digest
             terminal.verified_at = now
+        if new and self._on_new_punches is not None:
+            self._on_new_punches()
         terminal.failures = 0
         if terminal.down:
             down_since = checkpoint.down_since if checkpoint is not None else None

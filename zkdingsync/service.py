@@ -121,7 +121,7 @@ class Daemon:
             stop_event=self.signals.stop,
             alert=self.notifier.notify if self.notifier else None,
         )
-        self.poller = Poller.from_config(config, store=self.store)
+        self.poller = Poller.from_config(config, store=self.store, on_new_punches=self.forwarder.wake)
         self._threads: list[threading.Thread] = []
 
     def _mapper(self, config: Config) -> UserMapper:
@@ -197,6 +197,7 @@ class Daemon:
         """Let the workers finish the step in flight, close the store; return 0."""
         systemd.stopping()
         log.info("daemon.stopping")
+        self.forwarder.wake()  # an idle wait ends now rather than at its timeout
         deadline = time.monotonic() + STOP_DEADLINE_SECONDS
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
