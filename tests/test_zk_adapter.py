@@ -254,9 +254,9 @@ def test_unreachable_host_name() -> None:
     "host", ["1.2.3.4; rm -rf /", "$(reboot)", "-c1 127.0.0.1", "a..b", "", "x" * 300, "bad_host"]
 )
 def test_hosts_that_are_not_hosts_are_rejected(host: str) -> None:
-    with pytest.raises(ValueError, match="neither an IP address nor a host name"):
+    with pytest.raises(ValueError, match=r"^host "):
         zk.validate_host(host)
-    with pytest.raises(TerminalError, match="neither an IP address nor a host name"):
+    with pytest.raises(TerminalError, match="host "):
         full_read(DeviceConfig(name="bad", host=host, port=4370))
 
 

@@ -41,7 +41,7 @@ from zkdingsync.dingtalk.client import (
 )
 from zkdingsync.errors import StoreError
 from zkdingsync.mapping import unmapped_reason
-from zkdingsync.model import Delivery, Outcome, OutcomeKind, Upload
+from zkdingsync.model import Delivery, Outcome, OutcomeKind, Upload, utc_now
 from zkdingsync.retry import MAPPING_REFRESH_KEY
 from zkdingsync.status import (
     DINGTALK_HEALTH_AT_KEY,
@@ -112,11 +112,6 @@ class Resolver(Protocol):
     def maybe_refresh(self) -> bool: ...
 
     def request_refresh(self) -> None: ...
-
-
-def utc_now() -> datetime:
-    """Return the current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
 
 
 def _ms_to_datetime(ms: int) -> datetime:

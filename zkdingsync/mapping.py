@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
 
 from zkdingsync.errors import StoreError, ZkdingsyncError
+from zkdingsync.model import utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -55,10 +56,6 @@ def _without_leading_zeros(number: str) -> str:
     return number.lstrip("0") or "0"
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class UserMapper:
     """Resolves enroll numbers to DingTalk userids. Thread-safe; `resolve` never does I/O."""
 
@@ -71,7 +68,7 @@ class UserMapper:
         cache: JobNumberCache | None = None,
         refresh_every: timedelta = DEFAULT_REFRESH,
         retry_after: timedelta = DEFAULT_RETRY,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Given `users.map` and, for `match_job_number`, the DingTalk client (`source`) and the store
         (`cache`), build a mapper. The cached job number table is loaded at once; nothing is fetched here.

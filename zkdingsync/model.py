@@ -120,3 +120,8 @@ class Outcome:
     reason: str = ""
     wait_seconds: float = 0.0
     code: str | None = None  # DingTalk's errcode / sub_code, when there was one
+
+
+def utc_now() -> datetime:
+    """Return the host's current time, timezone-aware in UTC (the default clock everywhere)."""
+    return datetime.now(timezone.utc)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -35,6 +35,7 @@ import structlog
 
 from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, TerminalCancelled, ZkReader
 from zkdingsync.errors import StoreError, TerminalError
+from zkdingsync.model import utc_now
 from zkdingsync.store import Store
 from zkdingsync.timeconv import Classifier, describe_duration
 
@@ -43,11 +44,6 @@ log = structlog.get_logger(__name__)
 # How often a terminal's whole log is read even when its record count has not moved.
 VERIFY_EVERY = timedelta(hours=1)
 _IDLE_WAIT_SECONDS = 0.5  # longest wait of the run loop: how fast it notices stop and reloads
-
-
-def utc_now() -> datetime:
-    """Return the host's current time, timezone-aware in UTC."""
-    return datetime.now(timezone.utc)
 
 
 class PollSettings(Protocol):

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TextIO
 
-from zkdingsync.devices.zk import TerminalState, read_info, utc_now
+from zkdingsync.devices.zk import TerminalState, read_info
 from zkdingsync.errors import TerminalError, UserError
+from zkdingsync.model import utc_now
 from zkdingsync.poller import ConfigLike, PolledDevice
 from zkdingsync.timeconv import describe_duration
 

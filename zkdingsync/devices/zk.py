@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import ipaddress
-import re
 import socket
 import struct
 import threading
@@ -36,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -44,6 +42,7 @@ import structlog
 from zk import ZK
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
+from zkdingsync.config.load import check_host
 from zkdingsync.devices.records import (
     RECORD_SIZES,
     format_local_time,
@@ -53,7 +52,7 @@ from zkdingsync.devices.records import (
     with_length_prefix,
 )
 from zkdingsync.errors import RecordFormatError, TerminalError
-from zkdingsync.model import AttendanceRecord, TerminalInfo
+from zkdingsync.model import AttendanceRecord, TerminalInfo, utc_now
 from zkdingsync.timeconv import local_to_datetime
 
 log = structlog.get_logger(__name__)
@@ -65,7 +64,6 @@ _CMD_ATTLOG_RRQ = 13
 _CMD_USERTEMP_RRQ = 9
 _FCT_USER = 5
 
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _FREE_SIZES = struct.Struct("<20i")
 _U32 = struct.Struct("<I")
 _LARGEST_RECORD = max(RECORD_SIZES)
@@ -80,11 +78,6 @@ def default_deadline_seconds(timeout_seconds: float) -> float:
     200,000-record download from a slow terminal, finite so a terminal that drips bytes cannot hold a
     worker forever."""
     return max(120.0, 12 * timeout_seconds)
-
-
-def utc_now() -> datetime:
-    """Return the host's current time, timezone-aware in UTC."""
-    return datetime.now(timezone.utc)
 
 
 class DeviceLike(Protocol):
@@ -192,15 +185,11 @@ class LogRead:
 
 def validate_host(host: str) -> str:
     """Given a configured host, return it if it is an IP address or a DNS host name. Raise ValueError
-    otherwise (it never reaches a shell, but a value like "1.2.3.4; rm -rf /" is a config mistake)."""
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
-        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+    otherwise (it never reaches a shell, but a value like "1.2.3.4; rm -rf /" is a config mistake).
+    The rule is the configuration's own, checked again here because a Config can be built in code."""
+    problem = check_host(host)
+    if problem is not None:
+        raise ValueError(f"host {host!r} {problem}")
     return host
 
 

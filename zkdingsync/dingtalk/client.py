@@ -46,7 +46,7 @@ from dingtalk.core.exceptions import DingTalkClientException
 from requests.adapters import HTTPAdapter
 
 from zkdingsync.errors import StoreError, ZkdingsyncError
-from zkdingsync.model import Outcome, OutcomeKind, Upload
+from zkdingsync.model import Outcome, OutcomeKind, Upload, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -142,11 +142,6 @@ class DingTalkError(ZkdingsyncError):
         self.what = what
         self.outcome = outcome
         super().__init__(f"DingTalk {what}: {outcome.reason}")
-
-
-def utc_now() -> datetime:
-    """Return the current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
 
 
 def call_month(at: datetime, zone: tzinfo = timezone.utc) -> str:
