@@ -460,22 +460,7 @@ class Store:
     ) -> int:
         """Put parked punches (optionally only those whose reason contains a text, or of one terminal) back
         in the queue, due now. Return how many."""
-        due = _iso(now or datetime.now(timezone.utc))
-        clauses = ["delivery = 'parked'"]
-        params: list[Any] = [due]
-        if reason_contains:
-            clauses.append("instr(reason, ?) > 0")
-            params.append(reason_contains)
-        if device:
-            clauses.append("device = ?")
-            params.append(device)
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "UPDATE punches SET delivery = 'pending', next_attempt_at = ?, reason = NULL "  # noqa: S608
-                f"WHERE {' AND '.join(clauses)}",
-                params,
-            )
-            return cursor.rowcount
+        return self._requeue(["delivery = 'parked'"], reason_contains, device, now)
 
     # ------------------------------------------------------------------ status
 
@@ -606,9 +591,14 @@ class Store:
         Only punches with a real moment (`check_time_ms` set) move: an impossible local time can never be
         uploaded, so such a punch stays quarantined whatever a human asks. Return how many moved.
         """
-        due = _iso(now or datetime.now(timezone.utc))
-        clauses = ["delivery = 'quarantined'", "check_time_ms IS NOT NULL"]
-        params: list[Any] = [due]
+        return self._requeue(
+            ["delivery = 'quarantined'", "check_time_ms IS NOT NULL"], reason_contains, device, now
+        )
+
+    def _requeue(
+        self, clauses: list[str], reason_contains: str | None, device: str | None, now: datetime | None
+    ) -> int:
+        params: list[Any] = [_iso(now or datetime.now(timezone.utc))]
         if reason_contains:
             clauses.append("instr(reason, ?) > 0")
             params.append(reason_contains)
