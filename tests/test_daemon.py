@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -18,7 +19,7 @@ from harness import DaemonProcess, run_cli, write_config
 
 from zkdingsync.cli import EXIT_CONFIG
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.simulator import FakeTerminal, history_start
+from zkdingsync.simulator import FakeTerminal, Fault, history_start, protocol
 
 USERS = {"1001": "alice", "1002": "bob", "1003": "carol"}
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -270,3 +271,24 @@ def test_retry_after_hr_fills_in_a_job_number_delivers_the_parked_punches(
         finally:
             assert daemon.terminate(timeout=10) == 0
     assert sorted(u["userid"] for u in fake.uploads) == ["alice", "alice", "bob", "bob", "carol", "carol"]
+
+
+def test_sigterm_during_a_slow_download_exits_0_quickly_and_leaves_the_terminal_enabled(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(serial="E2E00051", record_size=40, users=3, records=3, first_punch=history_start(3))
+    # The buffered read answers after 2.5 s (within the 3 s poll timeout): the terminal is disabled meanwhile.
+    lobby.set_fault(Fault.delay(2.5, command=protocol.CMD_READ_BUFFER))
+    config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        wait_for(lambda: not lobby.enabled, timeout=20, interval=0.01)  # the download is under way
+        started = time.monotonic()
+        code = daemon.terminate(timeout=10)
+        stopped_in = time.monotonic() - started
+    finally:
+        daemon.ensure_dead()
+    assert code == 0, daemon.stderr()[-3000:]
+    assert stopped_in < 10
+    wait_for(lambda: lobby.enabled, timeout=5)
+    assert "Traceback" not in daemon.stderr()
