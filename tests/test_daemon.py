@@ -292,3 +292,23 @@ def test_sigterm_during_a_slow_download_exits_0_quickly_and_leaves_the_terminal_
     assert stopped_in < 10
     wait_for(lambda: lobby.enabled, timeout=5)
     assert "Traceback" not in daemon.stderr()
+
+
+def test_run_on_a_store_that_is_not_a_database_says_so_in_one_line(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "config.yaml",
+        store=tmp_path / "zk.db",
+        api_base="http://127.0.0.1:9",
+        devices=[("lobby", 4370)],
+        users={},
+        app_key=APP_KEY,
+        app_secret=APP_SECRET,
+    )
+    (tmp_path / "zk.db").write_bytes(
+        b"this is not an SQLite database, but something an admin copied here" * 100
+    )
+    result = run_cli(["run", "-c", str(config)])
+    assert result.returncode == 1
+    assert result.stderr.startswith("zkdingsync: cannot open the store")
+    assert "not a database" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

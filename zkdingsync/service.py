@@ -26,7 +26,7 @@ from zkdingsync.alerts import CHECK_EVERY_SECONDS, Watch
 from zkdingsync.config import Config, load_config
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.robot import RobotNotifier
-from zkdingsync.errors import ConfigError, StoreError
+from zkdingsync.errors import ConfigError, StoreError, StoreLockedError, UserError
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery
@@ -92,7 +92,13 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock
         self.signals = _Signals()
-        self.store = Store.open(config.store.path, lock=True)
+        try:
+            self.store = Store.open(config.store.path, lock=True)
+        except StoreLockedError:
+            raise
+        except StoreError as error:
+            # At start-up a store that cannot be opened is the admin's to fix (permissions, disk, path).
+            raise UserError(f"cannot open the store: {error}") from error
         self.client = DingTalkClient.from_settings(
             config.dingtalk, store=self.store, org_timezone=config.timezone
         )
