@@ -55,8 +55,13 @@ log = structlog.get_logger(__name__)
 
 # Store key under which a pause of all delivery is published (for `status`); deleted on resume.
 QUOTA_WARNING_SHARE = 0.8
-# A read-back asks for windows this far inside DingTalk's 180 days, so that the request itself is valid.
-READ_BACK_MARGIN = timedelta(days=1)
+# Each read-back window reaches this far beyond the punches it settles: listRecord reads its dates in the
+# organisation's zone, which may not be the configured one (terminals abroad) or may fold at a DST change.
+# Matching is by exact epoch ms, so a wider window costs nothing but a few more records in the answer.
+READ_BACK_PAD = timedelta(days=1)
+# A read-back asks for windows this far inside DingTalk's 180 days (padding included), so that the request
+# itself is valid.
+READ_BACK_MARGIN = READ_BACK_PAD + timedelta(days=1)
 _SECOND_MS = 1000
 
 
@@ -170,18 +175,19 @@ def plan_read_back(
     *,
     max_users: int = MAX_READ_BACK_USERS,
     max_span_ms: int = int(MAX_READ_BACK_SPAN.total_seconds() * 1000),
+    pad_ms: int = int(READ_BACK_PAD.total_seconds() * 1000),
 ) -> list[ReadBackCall]:
     """Given items and how to get (userid, check time ms) from each, plan the fewest simple listRecord calls.
 
-    Items are cut, in time order, into windows of at most `max_span_ms` (one second kept free so rounding
-    the end up to a whole second stays inside the limit); within a window their users go 50 to a call,
-    and each call asks only for the span its own punches cover.
+    Items are cut, in time order, into windows of at most `max_span_ms` (padding included, and one second
+    kept free so rounding the end up to a whole second stays inside the limit); within a window their
+    users go 50 to a call, and each call asks for the span its own punches cover, `pad_ms` wider each side.
     """
     ordered = sorted(items, key=lambda item: key(item)[1])
     windows: list[list[Any]] = []
     for item in ordered:
         ms = key(item)[1]
-        if windows and ms - key(windows[-1][0])[1] <= max_span_ms - _SECOND_MS:
+        if windows and ms - key(windows[-1][0])[1] <= max_span_ms - 2 * pad_ms - _SECOND_MS:
             windows[-1].append(item)
         else:
             windows.append([item])
@@ -195,7 +201,9 @@ def plan_read_back(
             chunk = users[offset : offset + max_users]
             chunk_items = [item for user in chunk for item in by_user[user]]
             times = [key(item)[1] for item in chunk_items]
-            calls.append(ReadBackCall(tuple(chunk), min(times), max(times), tuple(chunk_items)))
+            calls.append(
+                ReadBackCall(tuple(chunk), min(times) - pad_ms, max(times) + pad_ms, tuple(chunk_items))
+            )
     return calls
 
 
@@ -301,6 +309,9 @@ class Forwarder:
         self._calls_issued = 0
         self._barrier = 0
         self._next_settle_at: datetime | None = None  # None: at the first step
+        # Punch id -> the userid its upload went out under, while its outcome is not settled: a read-back
+        # must look under that userid even if users.map changed since (a reload while it was in flight).
+        self._sent_as: dict[int, str] = {}
         # Monthly budget.
         self._quota_month: str | None = None
         self._quota_warned = False
@@ -608,18 +619,27 @@ class Forwarder:
 
     def _deliver(self, stored: Any, upload: Upload, call: int) -> str:
         """Upload one punch and record the answer at once (worker thread); return what became of it."""
+        with self._state:
+            self._sent_as[stored.id] = upload.userid
         try:
             outcome = self._client.upload(upload)
         except Exception:  # edge of a worker: the call may or may not have gone out
             log.exception("delivery.upload_crashed", punch_id=stored.id)
             outcome = Outcome(OutcomeKind.UNKNOWN, "the upload failed unexpectedly (see the traceback)")
         try:
-            return self._record(stored, upload, outcome, call)
+            result = self._record(stored, upload, outcome, call)
         except StoreError as error:
             # The row stays in flight: the next settle reads DingTalk back, so nothing is lost or doubled.
             log.error("delivery.store_failed", punch_id=stored.id, error=str(error))
             self._schedule_settle(self._clock() + self._settle_delay)
             return "unknown"
+        if result != "unknown":
+            self._forget_sent(stored.id)
+        return result
+
+    def _forget_sent(self, punch_id: int) -> None:
+        with self._state:
+            self._sent_as.pop(punch_id, None)
 
     def _record(self, stored: Any, upload: Upload, outcome: Outcome, call: int) -> str:
         now = self._clock()
@@ -792,11 +812,15 @@ class Forwarder:
                 )
                 report.parked += 1
                 continue
-            userid = self._mapper.resolve(punch.enroll_number)
+            with self._state:
+                userid = self._sent_as.get(stored.id)
+            if userid is None:  # left by an earlier run: the upload's userid is not known, resolve again
+                userid = self._mapper.resolve(punch.enroll_number)
             if userid is None:
                 self._mapper.report_unmapped(punch.enroll_number)
                 reason = unmapped_reason(punch.enroll_number) + " (an earlier upload's outcome is unknown)"
                 self._store.park(stored.id, reason=reason)
+                self._forget_sent(stored.id)
                 report.parked += 1
                 continue
             if punch.check_time_ms < oldest_readable:
@@ -832,6 +856,7 @@ class Forwarder:
     def _resend_unverified(self, stored: Any, now: datetime, why: str, report: SettleReport) -> None:
         reason = f"upload outcome unknown and {why}: sending again (a duplicate is possible)"
         self._store.mark_pending(stored.id, retry_at=now, reason=reason, outcome_unknown=True)
+        self._forget_sent(stored.id)
         report.resent_unverified += 1
 
     def _read_back(self, ready: list[_Unsettled], now: datetime, report: SettleReport) -> datetime | None:
@@ -878,21 +903,32 @@ class Forwarder:
         return None
 
     def _match(self, call: ReadBackCall, records: list[dict[str, Any]], report: SettleReport) -> None:
-        seen: dict[tuple[str, int], set[str]] = {}
+        """Settle the call's punches: each DingTalk record (userid, time, device) vouches for one punch.
+
+        Counted, not merely looked up: the upload carries no punch state or verify mode, so check-in and
+        check-out in the same second on one terminal are the same record, and one record must not settle
+        two punches. (A punch already delivered earlier with the same record is not in this count: such a
+        pair can still settle on one record, which then holds exactly what the second upload would add.)
+        """
+        seen: Counter[tuple[str, int, str]] = Counter()
         for record in records:
             try:
-                key = (str(record.get("userId")), int(record.get("userCheckTime")))  # type: ignore[arg-type]
+                when = int(record.get("userCheckTime"))  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 continue
-            seen.setdefault(key, set()).add(str(record.get("deviceId") or ""))
+            seen[(str(record.get("userId")), when, str(record.get("deviceId") or ""))] += 1
         now = self._clock()
-        for item in call.items:
-            devices = seen.get((item.userid, item.ms))
+        for item in sorted(call.items, key=lambda unsettled: unsettled.stored.id):
             serial = item.stored.punch.serial or item.stored.punch.device
-            if devices is not None and (serial in devices or "" in devices):
-                self._store.mark_delivered(item.stored.id, at=now, userid=item.userid)
-                report.found += 1
+            for device in (serial, ""):  # a record without a deviceId vouches for any terminal
+                key = (item.userid, item.ms, device)
+                if seen[key] > 0:
+                    seen[key] -= 1
+                    self._store.mark_delivered(item.stored.id, at=now, userid=item.userid)
+                    report.found += 1
+                    break
             else:
                 reason = "upload outcome unknown, not found in DingTalk: sending again"
                 self._store.mark_pending(item.stored.id, retry_at=now, reason=reason, outcome_unknown=True)
                 report.resent += 1
+            self._forget_sent(item.stored.id)
