@@ -21,10 +21,11 @@ flood the journal).
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,7 +36,7 @@ import structlog
 
 from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, TerminalCancelled, ZkReader
 from zkdingsync.errors import StoreError, TerminalError
-from zkdingsync.model import utc_now
+from zkdingsync.model import AttendanceRecord, utc_now
 from zkdingsync.store import Store
 from zkdingsync.timeconv import Classifier, describe_duration
 
@@ -116,6 +117,89 @@ class PollResult:
     duration_ms: int = 0
 
 
+class UidNames:
+    """Which enroll number each uid of one 8-byte terminal stood for, and since when.
+
+    An 8-byte record names only the terminal's internal uid; the enroll number comes from the user
+    table, which an admin changes (a user deleted: the uid is gone; a uid given to a new employee).
+    Resolving an already-stored record again with today's table would give it a new natural key and
+    store it twice (as a different person, or as the bare uid). So the first resolution sticks: per
+    uid, the periods (enroll number, first local time under it) and the latest local time stored.
+    A record no later than that time is history and keeps the enroll number of its period; a later
+    one is new and takes the live table's (the last known one when its uid has left the table).
+    Kept in the store's key-value table per serial, written before the punches it resolved.
+    """
+
+    def __init__(self, periods: dict[int, list[tuple[str, str]]], last: dict[int, str]) -> None:
+        self.periods = periods
+        self.last = last
+        self.changed = False
+
+    @staticmethod
+    def key(serial: str) -> str:
+        """The store key-value key for a terminal serial."""
+        return f"uid_enroll:{serial}"
+
+    @classmethod
+    def load(cls, text: str | None) -> UidNames:
+        """Given what `dump` wrote (or None), return the memo; an unreadable one starts empty."""
+        if not text:
+            return cls({}, {})
+        try:
+            data = json.loads(text)
+            periods = {
+                int(uid): [(str(enroll), str(since)) for enroll, since in spans]
+                for uid, spans in data["periods"].items()
+            }
+            last = {int(uid): str(when) for uid, when in data["last"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("poller.uid_names_unreadable", hint="8-byte enroll numbers resolved afresh")
+            return cls({}, {})
+        return cls(periods, last)
+
+    def dump(self) -> str:
+        """Return the memo as compact JSON."""
+        return json.dumps(
+            {
+                "periods": {str(uid): spans for uid, spans in self.periods.items()},
+                "last": {str(uid): when for uid, when in self.last.items()},
+            },
+            separators=(",", ":"),
+        )
+
+    def resolve(self, records: Sequence[AttendanceRecord], live: Mapping[int, str]) -> list[AttendanceRecord]:
+        """Given 8-byte records (in log order) and the live user table, return them with the enroll
+        number each one was (or now is) first stored under; `changed` tells whether to save."""
+        resolved: list[AttendanceRecord] = []
+        for record in records:
+            uid, when = record.uid, record.local_time
+            if uid is None:
+                resolved.append(record)
+                continue
+            periods = self.periods.get(uid)
+            last = self.last.get(uid)
+            if periods and last is not None and when <= last:
+                enroll = periods[0][0]
+                for name, since in periods:
+                    if since <= when:
+                        enroll = name
+            else:
+                enroll = live.get(uid) or (periods[-1][0] if periods else record.enroll_number)
+                if not periods:
+                    self.periods[uid] = [(enroll, "")]
+                    self.changed = True
+                elif periods[-1][0] != enroll:
+                    periods.append((enroll, when))
+                    self.changed = True
+                if last is None or when > last:
+                    self.last[uid] = when
+                    self.changed = True
+            resolved.append(
+                record if enroll == record.enroll_number else record._replace(enroll_number=enroll)
+            )
+        return resolved
+
+
 class _Terminal:
     """One terminal's schedule and what the poller remembers about it between polls (not persisted)."""
 
@@ -126,10 +210,12 @@ class _Terminal:
         self.failures = 0
         self.down: bool | None = None  # unknown until the first poll reads the checkpoint
         self.drifting = False
+        self.log_full = False  # warned that the terminal's log is at capacity
         self.digest: LogDigest | None = None  # of the last log stored, to skip re-parsing it
         self.ensure_enabled = False  # a failed poll may have left the terminal disabled
         self.in_flight: Future[PollResult] | None = None
         self.verified_at: datetime | None = None  # last full download; None: never in this process
+        self.uid_names: tuple[str, UidNames] | None = None  # (serial, memo) of an 8-byte terminal
 
 
 class Poller:
@@ -345,6 +431,12 @@ class Poller:
                     new_count=state.record_count,
                     action="re-reading the whole log; punches already stored are not queued again",
                 )
+        records = read.records
+        if read.record_size == 8 and records:
+            try:
+                records = self._resolve_uids(terminal, state.serial, read)
+            except StoreError as error:
+                return self._store_failed(terminal, now, error, started)
         wall = self._clock()
         punches = (
             Classifier(
@@ -353,7 +445,7 @@ class Poller:
                 tz=terminal.zone,
                 now=wall,
                 future_tolerance_seconds=poll.future_tolerance_seconds,
-            ).classify_all(read.records)
+            ).classify_all(records)
             if read.downloaded
             else []
         )
@@ -388,6 +480,7 @@ class Poller:
                 down_for=describe_duration((wall - down_since).total_seconds()) if down_since else "unknown",
             )
         terminal.down = False
+        self._check_full(terminal, state.log_full, state.record_count, state.record_capacity)
         self._check_drift(terminal, drift, wall)
         quarantined = sum(1 for punch in punches if punch.quarantine_reason)
         duration_ms = _since(started)
@@ -408,6 +501,39 @@ class Poller:
             downloaded=read.downloaded,
             duration_ms=duration_ms,
         )
+
+    def _resolve_uids(self, terminal: _Terminal, serial: str, read: LogRead) -> list[AttendanceRecord]:
+        """Give 8-byte records the enroll numbers they were first stored under (see `UidNames`), saving
+        the memo before the punches so a crash in between resolves them the same way next time."""
+        if terminal.uid_names is None or terminal.uid_names[0] != serial:
+            text = self._store.get_value(UidNames.key(serial), now=self._clock())
+            terminal.uid_names = (serial, UidNames.load(text))
+        names = terminal.uid_names[1]
+        records = names.resolve(read.records, read.users_by_uid or {})
+        if names.changed:
+            try:
+                self._store.set_value(UidNames.key(serial), names.dump())
+            except StoreError:
+                terminal.uid_names = None  # reload what the store really holds next time
+                raise
+            names.changed = False
+        return records
+
+    def _check_full(self, terminal: _Terminal, full: bool, records: int, capacity: int) -> None:
+        """Warn once when a terminal's log reaches capacity (it then refuses or overwrites punches,
+        which no poll can bring back), and once when there is room again."""
+        if full and not terminal.log_full:
+            log.warning(
+                "terminal.log_full",
+                device=terminal.device.name,
+                records=records,
+                capacity=capacity,
+                effect="the terminal refuses or overwrites new punches; its whole log is read every poll",
+                hint="clear the log at the terminal once `status` shows every punch delivered",
+            )
+        elif not full and terminal.log_full:
+            log.info("terminal.log_space", device=terminal.device.name, records=records, capacity=capacity)
+        terminal.log_full = full
 
     def _check_drift(self, terminal: _Terminal, drift: float | None, wall: datetime) -> None:
         """Log a clock drift beyond the threshold once (and once when it is back); set the clock when

@@ -178,6 +178,9 @@ class LogRead:
     records: list[AttendanceRecord] = field(default_factory=list)
     first_index: int = 0
     digest: LogDigest | None = None
+    # 8-byte logs only: the user table read with the log (uid -> enroll number). `records` already
+    # carry these enroll numbers (str(uid) when the uid is not in the table).
+    users_by_uid: dict[int, str] | None = None
 
 
 # ----------------------------------------------------------------------------------------- the host
@@ -230,6 +233,13 @@ _LIBRARY_ERRORS = (
     _MalformedReply,
     _Cancelled,
 )
+
+
+def _pyzk_incompatible(error: BaseException) -> bool:
+    """True when `error` says a pyzk object lacks an attribute we (or pyzk itself) use: this module
+    reaches into pyzk 0.9's private attributes, and a different pyzk must fail as a clean
+    TerminalError, not a traceback. Any other AttributeError is a bug and stays one."""
+    return isinstance(error, AttributeError) and isinstance(getattr(error, "obj", None), ZK)
 
 
 class _GuardedSocket:
@@ -410,17 +420,18 @@ class _Session:
                 try:
                     self.zk.enable_device()
                     self.disabled = False
-                except _LIBRARY_ERRORS as error:
+                except (*_LIBRARY_ERRORS, AttributeError) as error:
                     enable_error = self.translate(error)
                     standing = False
             if standing and not failed:
                 try:
                     self.zk.disconnect()
-                except _LIBRARY_ERRORS as error:
+                except (*_LIBRARY_ERRORS, AttributeError) as error:
                     log.debug("terminal.disconnect_failed", device=self.device.name, error=str(error))
             guard.close()
         elif self.zk is not None:
-            self.zk._ZK__sock.close()
+            with contextlib.suppress(OSError, AttributeError):
+                self.zk._ZK__sock.close()
         if self.disabled:
             # The connection broke while the terminal was disabled (it dropped mid-download, or the
             # enable itself failed): try once more on a new connection rather than leave it refusing
@@ -472,6 +483,9 @@ class _Session:
             if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
                 return f"connection refused at {where}"
         for cause in chain:
+            if _pyzk_incompatible(cause):
+                name = getattr(cause, "name", None) or "an attribute it needs"
+                return f"the installed pyzk lacks {name!r}, which zkdingsync relies on (install pyzk 0.9)"
             if isinstance(cause, ZKErrorResponse) and "Unauthenticated" in str(cause):
                 return "wrong comm key (the terminal rejected it; check comm_key)"
             if isinstance(cause, _MalformedReply):
@@ -567,7 +581,7 @@ class _Session:
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             users, _, count, _ = self.read_sizes()
             if count == 0:
-                return _Download(0, None, [], 0, None)
+                return _Download(0, None, [], 0, None, None)
             buffer = self.read_buffer(_CMD_ATTLOG_RRQ, 0, 4 + count * _LARGEST_RECORD)
             body = len(buffer) - 4
             user_buffer: bytes | None = None
@@ -637,7 +651,9 @@ class _Session:
             _, records = parse_attendance_buffer(tail, count - first, users_by_uid)
         except RecordFormatError as error:
             raise TerminalError(name, f"record count and buffer disagree: {error}") from error
-        return _Download(count, size, records, first, LogDigest(serial, size, count, hasher.digest()))
+        return _Download(
+            count, size, records, first, LogDigest(serial, size, count, hasher.digest()), users_by_uid
+        )
 
 
 @dataclass(frozen=True)
@@ -649,6 +665,7 @@ class _Download:
     records: list[AttendanceRecord]
     first: int
     digest: LogDigest | None
+    users_by_uid: dict[int, str] | None
 
 
 @contextmanager
@@ -665,17 +682,16 @@ def _session(
     except TerminalError as error:
         _close_after_failure(session, error, desynced=False)
         raise
-    except _LIBRARY_ERRORS as error:
+    except BaseException as error:
+        if not isinstance(error, _LIBRARY_ERRORS) and not _pyzk_incompatible(error):
+            # A bug of ours, or KeyboardInterrupt: still re-enable the terminal.
+            session.close(failed=True, desynced=True)
+            raise
         reason = session.translate(error)
         kind = TerminalCancelled if reason.startswith("poll cancelled") else TerminalError
         translated = kind(device.name, reason)
         _close_after_failure(session, translated, desynced=True)
         raise translated from error
-    except BaseException:
-        session.close(
-            failed=True, desynced=True
-        )  # a bug of ours, or KeyboardInterrupt: still re-enable the terminal
-        raise
     enable_error = session.close(failed=False)
     if enable_error is not None:
         raise TerminalError(
@@ -691,13 +707,13 @@ def _enable_on_new_connection(device: DeviceLike, budget: float) -> str:
     try:
         session.open()
         session.zk.enable_device()
-    except _LIBRARY_ERRORS as error:
+    except (*_LIBRARY_ERRORS, AttributeError) as error:
         return session.translate(error)
     finally:
         if session.guard is not None:
             if not session.guard.peer_closed:
                 # The terminal is enabled (or not): a failed goodbye changes nothing.
-                with contextlib.suppress(*_LIBRARY_ERRORS):
+                with contextlib.suppress(*_LIBRARY_ERRORS, AttributeError):
                     session.zk.disconnect()
             session.guard.close()
     return ""
@@ -780,6 +796,7 @@ def read_log(
         records=download.records,
         first_index=download.first,
         digest=download.digest,
+        users_by_uid=download.users_by_uid,
     )
 
 

@@ -387,6 +387,14 @@ class FakeTerminal:
             self._log.clear()
             self._pending.clear()
 
+    def set_users(self, users: Sequence[TerminalUser]) -> None:
+        """Replace the enrolled users, as an admin deleting or re-enrolling users at the terminal does
+        (the log keeps its records; on 8-byte logs a record names only its uid). Raise ValueError if a
+        user cannot be represented in this terminal's user table."""
+        codec.encode_user_table(users, self.spec.user_table_size)
+        with self._lock:
+            self._users = list(users)
+
     def swap(self, serial: str, records: int = 0) -> None:
         """Behave as a replacement unit: new serial, a log of `records` fresh punches (default empty),
         every open session dropped, enabled again. Users are kept."""

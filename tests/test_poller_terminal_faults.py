@@ -1,0 +1,182 @@
+"""Terminal-side faults the other poller tests do not reach: 8-byte logs whose user table changes,
+full logs, slow terminals holding workers, and pyzk internals failing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
+
+from zkdingsync.config.objects import DeviceConfig, PollConfig
+from zkdingsync.model import TerminalUser
+from zkdingsync.poller import Poller, PollResult
+from zkdingsync.simulator import FakeTerminal
+from zkdingsync.store import Store
+
+POLL = PollConfig(
+    interval_seconds=60,
+    timeout_seconds=0.5,
+    max_concurrency=4,
+    backoff_max_seconds=600,
+    future_tolerance_seconds=600,
+    drift_threshold_seconds=60,
+)
+ZONE = ZoneInfo("Asia/Shanghai")
+Key = tuple[str, str, str, int, int]
+
+
+def recent(days: float) -> str:
+    return (datetime.now(ZONE) - timedelta(days=days)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def device_for(name: str, terminal: FakeTerminal, **changes: Any) -> DeviceConfig:
+    return replace(
+        DeviceConfig(name=name, host="127.0.0.1", port=terminal.port, timezone="Asia/Shanghai"), **changes
+    )
+
+
+def stored_keys(store: Store) -> list[Key]:
+    return sorted(
+        (s.punch.serial, s.punch.enroll_number, s.punch.local_time, s.punch.punch_state, s.punch.verify_mode)
+        for s in store.punches()
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "zk.db") as opened:
+        yield opened
+
+
+class Cycle:
+    """A poller driven through schedule time without waiting; `restart()` is a new process."""
+
+    def __init__(self, store: Store, devices: list[DeviceConfig]) -> None:
+        self.store = store
+        self.devices = devices
+        self.poller = Poller(devices, store, poll=POLL, jitter=lambda: 0.0)
+        self.now = datetime.now(timezone.utc) - timedelta(seconds=60)
+
+    def __call__(self, seconds: float = 60) -> dict[str, PollResult]:
+        self.now += timedelta(seconds=seconds)
+        return {result.device: result for result in self.poller.poll_due(self.now)}
+
+    def restart(self) -> None:
+        self.poller.close()
+        self.poller = Poller(self.devices, self.store, poll=POLL, jitter=lambda: 0.0)
+
+
+# ------------------------------------------------------------------ 8-byte logs and the user table
+
+
+def test_eight_byte_log_deleted_user_is_not_stored_again_after_restart(terminals: Any, store: Store) -> None:
+    terminal = terminals(serial="UID0000001", record_size=8, user_table_size=28, users=3, records=0)
+    terminal.add_punches(6, first=recent(1))
+    cycle = Cycle(store, [device_for("gate", terminal)])
+    assert cycle()["gate"].new == 6
+    before = stored_keys(store)
+    assert {key[1] for key in before} == {"1001", "1002", "1003"}
+
+    # The admin deletes user 1002 at the terminal; its punches stay in the log under uid 2.
+    terminal.set_users([user for user in terminal.users if user.uid != 2])
+    cycle.restart()  # a new process reads the whole log again
+    result = cycle()["gate"]
+    assert result.ok and result.new == 0, result
+    assert stored_keys(store) == before
+
+
+def test_eight_byte_log_reassigned_uid_keeps_old_punches_and_names_new_ones(
+    terminals: Any, store: Store
+) -> None:
+    terminal = terminals(serial="UID0000002", record_size=8, user_table_size=28, users=3, records=0)
+    terminal.add_punches(6, first=recent(2))
+    cycle = Cycle(store, [device_for("gate", terminal)])
+    assert cycle()["gate"].new == 6
+    before = stored_keys(store)
+
+    # uid 2 goes to a new employee 2002; the old punches under uid 2 were 1002's.
+    terminal.set_users([u if u.uid != 2 else TerminalUser(2, "2002", "New") for u in terminal.users])
+    cycle.restart()
+    assert cycle()["gate"].new == 0
+    assert stored_keys(store) == before
+
+    punch = terminal.add_punch("2002", recent(0.01))
+    assert punch is not None and punch.uid == 2
+    result = cycle()["gate"]
+    assert result.new == 1, result
+    after = stored_keys(store)
+    assert set(after) - set(before) == {("UID0000002", "2002", punch.local_time, 0, 1)}
+
+    cycle.restart()  # and again after a restart: every punch keeps the enroll number it was stored with
+    assert cycle()["gate"].new == 0
+    assert stored_keys(store) == after
+
+
+def test_unreadable_uid_memo_starts_afresh() -> None:
+    from zkdingsync.poller import UidNames
+
+    for text in (None, "", "{", "[]", '{"periods": {"x": 1}, "last": {}}', '{"periods": {}}'):
+        names = UidNames.load(text)
+        assert names.periods == {} and names.last == {}
+    names = UidNames({}, {})
+    from zkdingsync.model import AttendanceRecord
+
+    names.resolve([AttendanceRecord("7", "2024-01-01 08:00:00", 1, 0, 0, 7)], {})
+    again = UidNames.load(names.dump())
+    assert again.periods == {7: [("7", "")]} and again.last == {7: "2024-01-01 08:00:00"}
+
+
+# ------------------------------------------------------------------------------ pyzk internals
+
+
+@pytest.mark.parametrize("attribute", ["_ZK__send_command", "get_serialnumber", "read_with_buffer"])
+def test_pyzk_internals_missing_is_a_terminal_error(
+    terminals: Any, monkeypatch: pytest.MonkeyPatch, attribute: str
+) -> None:
+    import zk
+
+    from zkdingsync.devices.zk import read_log
+    from zkdingsync.errors import TerminalError
+
+    terminal = terminals(serial="PYZK000001", record_size=40, users=2, records=3)
+    monkeypatch.delattr(zk.ZK, attribute)
+    with pytest.raises(TerminalError) as caught:
+        read_log(device_for("gate", terminal), 0.5, known_serial=None, known_count=None)
+    assert "pyzk" in caught.value.reason
+    monkeypatch.undo()
+    wait_for(lambda: terminal.enabled)
+
+
+# ------------------------------------------------------------------------------------ a full log
+
+
+def test_full_log_is_read_every_poll_warned_once_and_nothing_stored_twice(
+    terminals: Any, store: Store
+) -> None:
+    import structlog
+
+    terminal = terminals(serial="FULL000001", record_size=16, user_table_size=28, users=5, capacity=20)
+    terminal.add_punches(20, first=recent(1))
+    cycle = Cycle(store, [device_for("gate", terminal)])
+    with structlog.testing.capture_logs() as logs:
+        first = cycle()["gate"]
+        assert first.ok and first.new == 20 and first.downloaded
+        assert terminal.add_punch("1001") is None  # the terminal refuses punches now
+        second = cycle()["gate"]
+        # The count says nothing about a full log (it may rotate): read anyway, store nothing twice.
+        assert second.ok and second.downloaded and second.new == 0
+    full = [entry for entry in logs if entry["event"] == "terminal.log_full"]
+    assert len(full) == 1 and full[0]["log_level"] == "warning", logs
+    assert full[0]["records"] == 20 and full[0]["capacity"] == 20
+
+    terminal.clear_log()
+    with structlog.testing.capture_logs() as logs:
+        assert cycle()["gate"].ok
+    assert [entry["event"] for entry in logs].count("terminal.log_full") == 0
+    assert len(stored_keys(store)) == 20
