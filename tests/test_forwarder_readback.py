@@ -143,3 +143,50 @@ def test_read_back_windows_are_padded_but_stay_within_seven_days() -> None:
         # Padded a day each side: a window DingTalk reads in another zone (or a DST fold) still covers it.
         assert call.start_ms <= min(times) - day_ms
         assert call.end_ms >= max(times) + day_ms
+
+
+class GatedSource:
+    """The DingTalk client's job number walk, held at a gate until the test opens it."""
+
+    def __init__(self, client: DingTalkClient) -> None:
+        self.client = client
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def list_job_numbers(self) -> dict[str, str]:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.client.list_job_numbers()
+
+
+def test_a_slow_job_number_walk_does_not_hold_delivery_back(store: Store) -> None:
+    ms = (int(time.time()) - 3600) * 1000
+    save(
+        store,
+        [
+            Punch("lobby", SERIAL, "1001", "2026-11-25 08:00:00", 0, 1, ms),  # in users.map
+            Punch("lobby", SERIAL, "2002", "2026-11-25 08:00:01", 0, 1, ms + 1000),  # only a job number
+        ],
+    )
+    clock = FakeClock(datetime.now(timezone.utc))
+    with FakeDingTalk({"u1": None, "u2": "2002"}) as fake:
+        client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 2.0, store=store)
+        source = GatedSource(client)
+        mapper = UserMapper({"1001": "u1"}, match_job_number=True, source=source, cache=store, clock=clock)
+        with forwarder_for(store, client, mapper, clock) as forwarder:
+            forwarder.step()  # starts the walk, which hangs at the gate, and sends what it can
+            assert source.entered.wait(10)
+            assert forwarder.mapping_refreshing
+            assert [u["userid"] for u in fake.uploads] == ["u1"]  # not held back by the walk
+            counts = store.delivery_counts()
+            assert counts[Delivery.PARKED] == 0  # 2002 waits for the table rather than being parked
+            assert counts[Delivery.PENDING] == 1
+            source.gate.set()
+            deadline = time.monotonic() + 10
+            while forwarder.mapping_refreshing and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert mapper.resolve("2002") == "u2"
+            assert forwarder.drain(max_steps=200)
+        client.close()
+        assert sorted(u["userid"] for u in fake.uploads) == ["u1", "u2"]
+    assert store.delivery_counts()[Delivery.DELIVERED] == 2

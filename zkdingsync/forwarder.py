@@ -63,6 +63,9 @@ READ_BACK_PAD = timedelta(days=1)
 # itself is valid.
 READ_BACK_MARGIN = READ_BACK_PAD + timedelta(days=1)
 _SECOND_MS = 1000
+# While the job number table is being fetched, a punch whose enroll number resolves to nobody waits this
+# long instead of being parked: the fresh table may well know it.
+MAPPING_WAIT = timedelta(seconds=5)
 
 
 class DeliveryStore(Protocol):
@@ -113,6 +116,8 @@ class Resolver(Protocol):
     def resolve(self, enroll_number: str) -> str | None: ...
 
     def report_unmapped(self, enroll_number: str) -> str: ...
+
+    def refresh_due(self) -> bool: ...
 
     def maybe_refresh(self) -> bool: ...
 
@@ -312,6 +317,8 @@ class Forwarder:
         # Punch id -> the userid its upload went out under, while its outcome is not settled: a read-back
         # must look under that userid even if users.map changed since (a reload while it was in flight).
         self._sent_as: dict[int, str] = {}
+        # The job number refresh (a walk of every department) runs beside delivery, not in its way.
+        self._refresher: threading.Thread | None = None
         # Monthly budget.
         self._quota_month: str | None = None
         self._quota_warned = False
@@ -439,7 +446,7 @@ class Forwarder:
                 # `retry` ran (HR may have filled in job numbers): fetch them before sending again.
                 self._store.delete_value(MAPPING_REFRESH_KEY)
                 self._mapper.request_refresh()
-            self._mapper.maybe_refresh()
+            self._start_mapping_refresh()
             result = self._send_batch(now, room)
         except StoreError as error:
             if not self._store_failing:
@@ -450,6 +457,30 @@ class Forwarder:
             log.info("delivery.store_recovered")
             self._store_failing = False
         return result
+
+    def _start_mapping_refresh(self) -> None:
+        """Fetch the job number table in a background thread when it is due (daily, or asked for).
+
+        A walk of every department takes a call or two per department: in the delivery thread it would
+        hold every punch back for that long. The mapper swaps its table whole, so resolving never waits.
+        """
+        if self.mapping_refreshing or not self._mapper.refresh_due():
+            return
+        thread = threading.Thread(target=self._refresh_mapping, name="job-numbers", daemon=True)
+        self._refresher = thread
+        thread.start()
+
+    def _refresh_mapping(self) -> None:
+        try:
+            self._mapper.maybe_refresh()  # logs its own failures
+        except Exception:  # the edge of the refresh thread; delivery goes on with the cached table
+            log.exception("mapping.refresh_crashed")
+
+    @property
+    def mapping_refreshing(self) -> bool:
+        """True while the job number table is being fetched."""
+        thread = self._refresher
+        return thread is not None and thread.is_alive()
 
     def _blocked_for(self, now: datetime) -> float:
         """Seconds until delivery may send again (pause or hold), 0 when it may send now."""
@@ -595,6 +626,11 @@ class Forwarder:
             counts["parked"] += 1
             return None
         userid = self._mapper.resolve(punch.enroll_number)
+        if userid is None and self.mapping_refreshing:
+            reason = "waiting for the DingTalk job number table being fetched"
+            self._store.mark_pending(stored.id, retry_at=now + MAPPING_WAIT, reason=reason)
+            counts["pending"] += 1
+            return None
         if userid is None:
             self._store.park(stored.id, reason=self._mapper.report_unmapped(punch.enroll_number))
             counts["parked"] += 1
@@ -816,6 +852,11 @@ class Forwarder:
                 userid = self._sent_as.get(stored.id)
             if userid is None:  # left by an earlier run: the upload's userid is not known, resolve again
                 userid = self._mapper.resolve(punch.enroll_number)
+            if userid is None and self.mapping_refreshing:
+                later.append(now + MAPPING_WAIT)
+                report.checked -= 1
+                report.waiting += 1
+                continue
             if userid is None:
                 self._mapper.report_unmapped(punch.enroll_number)
                 reason = unmapped_reason(punch.enroll_number) + " (an earlier upload's outcome is unknown)"
