@@ -180,3 +180,99 @@ def test_full_log_is_read_every_poll_warned_once_and_nothing_stored_twice(
         assert cycle()["gate"].ok
     assert [entry["event"] for entry in logs].count("terminal.log_full") == 0
     assert len(stored_keys(store)) == 20
+
+
+# ---------------------------------------------------------------------- slow terminals and the pool
+
+
+class SlowReader:
+    """A reader whose "slow" terminals answer each poll just under the timeout (their worker's timer
+    jumps ahead by 0.9 timeout), and can be made to hang on a gate; healthy ones answer at once."""
+
+    def __init__(self, slow: set[str], timer: Any) -> None:
+        import threading
+
+        self.slow = slow
+        self.timer = timer
+        self.gate = threading.Event()
+        self.hanging = False
+        self.started: list[str] = []
+
+    def read_log(self, device: Any, **kwargs: Any) -> Any:
+        from zkdingsync.devices.zk import LogRead, TerminalState
+
+        self.started.append(device.name)
+        if device.name in self.slow:
+            self.timer.advance(kwargs["timeout_seconds"] * 0.9 * 10)  # ten replies, each just in time
+            if self.hanging:
+                self.gate.wait(30)
+        read_at = kwargs["now"]()
+        state = TerminalState("S-" + device.name, 0, 100, 0, 1000, "", read_at, read_at)
+        return LogRead(state=state, downloaded=kwargs["known_count"] != 0)
+
+    def set_time(self, device: Any, **kwargs: Any) -> None:
+        raise AssertionError("not used")
+
+
+class ThreadTimer:
+    """time.monotonic per worker thread: a slow reply moves only its own worker's timer."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.local = threading.local()
+
+    def __call__(self) -> float:
+        return float(getattr(self.local, "t", 0.0))
+
+    def advance(self, seconds: float) -> None:
+        self.local.t = self() + seconds
+
+
+def test_slow_terminals_cannot_take_every_worker(store: Store) -> None:
+    names = [f"slow{i}" for i in range(4)] + [f"ok{i}" for i in range(4)]
+    devices = [DeviceConfig(name=name, host="127.0.0.1", port=4370 + i) for i, name in enumerate(names)]
+    timer = ThreadTimer()
+    reader = SlowReader({name for name in names if name.startswith("slow")}, timer)
+    t0 = datetime(2024, 5, 6, tzinfo=timezone.utc)
+    poller = Poller(devices, store, poll=POLL, clock=lambda: t0, reader=reader, timer=timer)
+    assert all(result.ok for result in poller.poll_due(t0))  # four workers; each slow poll took 4.5 s
+
+    # Next round the slow terminals hang: at most half the workers may go to them, so the healthy
+    # terminals are polled while they hang.
+    reader.hanging = True
+    reader.started.clear()
+    import threading
+
+    done: list[PollResult] = []
+    runner = threading.Thread(target=lambda: done.extend(poller.poll_due(t0 + timedelta(minutes=1))))
+    runner.start()
+    try:
+        wait_for(lambda: {f"ok{i}" for i in range(4)} <= set(reader.started))
+        assert sum(name.startswith("slow") for name in reader.started) <= 2
+    finally:
+        reader.gate.set()
+        runner.join(30)
+    assert sorted(result.device for result in done) == sorted(names)
+    poller.close()
+
+
+def test_terminal_changed_by_a_reload_during_its_poll_is_polled_again(store: Store) -> None:
+    import threading
+
+    device = DeviceConfig(name="slow0", host="127.0.0.1", port=4370)
+    timer = ThreadTimer()
+    reader = SlowReader({"slow0"}, timer)
+    reader.hanging = True
+    t0 = datetime(2024, 5, 6, tzinfo=timezone.utc)
+    poller = Poller([device], store, poll=POLL, clock=lambda: t0, reader=reader, timer=timer)
+    runner = threading.Thread(target=poller.poll_due)
+    runner.start()
+    wait_for(lambda: reader.started == ["slow0"])
+    poller.update_devices([replace(device, timezone="Europe/Berlin")])  # changed while in flight
+    assert poller.poll_due(t0) == []  # never two sessions to one terminal
+    reader.gate.set()
+    runner.join(30)
+    [again] = poller.poll_due(t0)  # the changed terminal was due at once, so it is polled now
+    assert again.device == "slow0" and again.ok
+    poller.close()

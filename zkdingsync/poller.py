@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -211,6 +211,7 @@ class _Terminal:
         self.down: bool | None = None  # unknown until the first poll reads the checkpoint
         self.drifting = False
         self.log_full = False  # warned that the terminal's log is at capacity
+        self.suspect = False  # its last poll failed or was slow: it gets at most half the workers
         self.digest: LogDigest | None = None  # of the last log stored, to skip re-parsing it
         self.ensure_enabled = False  # a failed poll may have left the terminal disabled
         self.in_flight: Future[PollResult] | None = None
@@ -232,12 +233,15 @@ class Poller:
         jitter: Callable[[], float] | None = None,
         verify_every: timedelta = VERIFY_EVERY,
         on_new_punches: Callable[[], object] | None = None,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         """Given the terminals, the store and the poll settings, prepare a poller (no thread started).
 
         `clock` gives aware UTC wall-clock time (stamps, clock drift, quarantine); `reader` is the
-        terminal adapter; `jitter` returns a float in [0, 1) for backoff jitter (tests pin it).
+        terminal adapter; `jitter` returns a float in [0, 1) for backoff jitter (tests pin it); `timer`
+        measures poll durations (monotonic seconds).
         """
+        self._timer = timer
         self._store = store
         self._poll = poll
         self._verify_every = verify_every
@@ -314,26 +318,52 @@ class Poller:
         )
         self._wake.set()
 
-    def _submit_due(self, now: datetime, cancel: threading.Event | None) -> list[Future[PollResult]]:
-        """Start a poll for every terminal due at `now` that has none in flight."""
+    def _held_back(self) -> int:
+        """How many suspect terminals (failing, or slow at their last poll) may start a poll now: at
+        most half the workers go to them, so they cannot starve the healthy ones."""
+        limit = max(1, self._workers // 2)
+        return limit - sum(1 for t in self._terminals.values() if t.suspect and _busy(t))
+
+    def _submit_due(
+        self, now: datetime, cancel: threading.Event | None, skip: frozenset[str] = frozenset()
+    ) -> tuple[list[Future[PollResult]], set[str]]:
+        """Start a poll for every terminal due at `now` that has none in flight (except `skip`);
+        return the polls started and the due terminals held back (suspects over their share)."""
         started: list[Future[PollResult]] = []
+        held: set[str] = set()
         with self._lock:
-            for terminal in self._terminals.values():
-                if terminal.in_flight is not None or terminal.next_due > now:
+            room = self._held_back()
+            for name, terminal in self._terminals.items():
+                if _busy(terminal) or terminal.next_due > now or name in skip:
                     continue
+                if terminal.suspect:
+                    if room <= 0:
+                        held.add(name)
+                        continue
+                    room -= 1
                 future = self._executor.submit(self._poll_edge, terminal, now, cancel)
                 terminal.in_flight = future
                 future.add_done_callback(lambda _future: self._wake.set())
                 started.append(future)
-        return started
+        return started, held
 
     def poll_due(
         self, now: datetime | None = None, *, cancel: threading.Event | None = None
     ) -> list[PollResult]:
         """Poll every terminal due at `now` (default: the clock) and wait for those polls; return
-        their results ordered by terminal name."""
-        futures = self._submit_due(now if now is not None else self._clock(), cancel)
-        return sorted((future.result() for future in futures), key=lambda result: result.device)
+        their results ordered by terminal name. Suspect terminals held back for their share of the
+        workers are polled as soon as a worker of that share is free."""
+        at = now if now is not None else self._clock()
+        results: list[PollResult] = []
+        futures, held = self._submit_due(at, cancel)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            results.extend(future.result() for future in done)
+            if held:
+                more, held = self._submit_due(at, cancel, frozenset(r.device for r in results))
+                pending |= set(more)
+        return sorted(results, key=lambda result: result.device)
 
     def run(self, stop: threading.Event) -> None:
         """Poll on schedule until `stop` is set; then cancel polls in flight (their sessions notice
@@ -343,9 +373,12 @@ class Poller:
             while not stop.is_set():
                 self._wake.clear()
                 now = self._clock()
-                self._submit_due(now, stop)
+                _, held = self._submit_due(now, stop)
                 with self._lock:
-                    waiting = [t.next_due for t in self._terminals.values() if t.in_flight is None]
+                    # A held-back terminal waits for a worker to finish (which wakes this loop).
+                    waiting = [
+                        t.next_due for name, t in self._terminals.items() if not _busy(t) and name not in held
+                    ]
                 wait = min(waiting, default=now + timedelta(seconds=_IDLE_WAIT_SECONDS)) - now
                 self._wake.wait(min(max(wait.total_seconds(), 0.0), _IDLE_WAIT_SECONDS))
         finally:
@@ -362,7 +395,7 @@ class Poller:
 
     def _poll_edge(self, terminal: _Terminal, now: datetime, cancel: threading.Event | None) -> PollResult:
         """Run one poll; the edge of a worker thread, so nothing escapes it."""
-        started = time.monotonic()
+        started = self._timer()
         try:
             result = self._poll_terminal(terminal, now, cancel, started)
         # The edge of one terminal's poll: a bug must fail this poll (traceback logged), not the worker.
@@ -372,6 +405,11 @@ class Poller:
         with self._lock:
             terminal.in_flight = None
             terminal.next_due = result.next_due
+            # Slow but successful polls count too: ten replies each just under the timeout hold a
+            # worker as long as a dead terminal does.
+            terminal.suspect = (
+                terminal.failures > 0 or result.duration_ms >= self._poll.timeout_seconds * 1000
+            )
         return result
 
     def _poll_terminal(
@@ -408,7 +446,7 @@ class Poller:
             )
         except TerminalCancelled as error:
             log.info("poll.cancelled", device=device.name, reason=error.reason)
-            return PollResult(device.name, False, now, error=error.reason, duration_ms=_since(started))
+            return PollResult(device.name, False, now, error=error.reason, duration_ms=self._since(started))
         except TerminalError as error:
             return self._failed(terminal, now, error.reason, started)
         terminal.ensure_enabled = False
@@ -483,7 +521,7 @@ class Poller:
         self._check_full(terminal, state.log_full, state.record_count, state.record_capacity)
         self._check_drift(terminal, drift, wall)
         quarantined = sum(1 for punch in punches if punch.quarantine_reason)
-        duration_ms = _since(started)
+        duration_ms = self._since(started)
         (log.info if read.downloaded else log.debug)(
             "poll.finished",
             device=device.name,
@@ -584,7 +622,7 @@ class Poller:
             False,
             now + timedelta(seconds=delay),
             error=reason,
-            duration_ms=_since(started),
+            duration_ms=self._since(started),
         )
 
     def _store_failed(
@@ -597,7 +635,7 @@ class Poller:
             False,
             now + timedelta(seconds=self._poll.interval_seconds),
             error=f"store: {error}",
-            duration_ms=_since(started),
+            duration_ms=self._since(started),
         )
 
     def _log_store_failure(self, device: str, error: StoreError) -> None:
@@ -606,6 +644,9 @@ class Poller:
             log.error(
                 "store.failing", device=device, error=str(error), effect="polls fail closed until it recovers"
             )
+
+    def _since(self, started: float) -> int:
+        return int((self._timer() - started) * 1000)
 
     def backoff_seconds(self, failures: int) -> float:
         """Given consecutive failures (>= 1), return the wait before the next poll: the interval doubled
@@ -617,5 +658,7 @@ class Poller:
         return base / 2 + base / 2 * self._jitter()
 
 
-def _since(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
+def _busy(terminal: _Terminal) -> bool:
+    """True while a poll of the terminal runs. A terminal replaced by a reload inherits its
+    predecessor's future, which the predecessor's poll never clears: a finished one does not count."""
+    return terminal.in_flight is not None and not terminal.in_flight.done()
