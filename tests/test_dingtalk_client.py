@@ -184,10 +184,12 @@ def test_html_page_and_ip_ban_circuit_break_for_five_minutes(fake: FakeDingTalk,
     html_403 = client.upload(an_upload())
     fake.ban_next()
     ban = client.upload(an_upload())
-    for outcome in (html, html_403, ban):
+    fake.ban_next(status=503)  # the ban JSON behind a 5xx status is still a ban, not a 5 s server error
+    ban_503 = client.upload(an_upload())
+    for outcome in (html, html_403, ban, ban_503):
         assert outcome.kind is OutcomeKind.TRANSIENT
         assert outcome.wait_seconds >= 300
-    assert ban.code == "ip-ban"
+    assert ban.code == ban_503.code == "ip-ban"
     assert fake.uploads == []
 
 

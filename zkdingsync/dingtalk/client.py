@@ -643,12 +643,10 @@ class DingTalkClient:
                     OutcomeKind.UNKNOWN, "DingTalk failed without an HTTP answer", 0.0, "unreadable"
                 )
             decoded = _json_object(response)
-            if (
-                decoded is not None
-                and ("errcode" in decoded or is_ip_ban(decoded))
-                and response.status_code < 500
+            if decoded is not None and (
+                is_ip_ban(decoded) or ("errcode" in decoded and response.status_code < 500)
             ):
-                return decoded
+                return decoded  # the IP-ban JSON means a ban whatever the status it comes with
             return classify_http_status(response.status_code, _text(response))
         if isinstance(result, dict):
             return result

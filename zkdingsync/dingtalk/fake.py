@@ -320,9 +320,9 @@ class FakeDingTalk:
         """Answer the next `n` calls with an HTML page (DingTalk's IP rate limit page)."""
         self.add_fault(Fault("html", endpoint, n, status=status))
 
-    def ban_next(self, n: int | None = 1, *, endpoint: str = UPLOAD) -> None:
+    def ban_next(self, n: int | None = 1, *, status: int = 200, endpoint: str = UPLOAD) -> None:
         """Answer the next `n` calls with the IP-ban JSON `{"status":1111,"wait":5,"punish":"deny"}`."""
-        self.add_fault(Fault("ban", endpoint, n))
+        self.add_fault(Fault("ban", endpoint, n, status=status))
 
     def garbage_next(self, n: int | None = 1, *, endpoint: str = UPLOAD) -> None:
         """Answer the next `n` calls with HTTP 200 and a body that is not JSON."""
@@ -765,7 +765,7 @@ def _fault_reply(fault: Fault) -> _Reply:
     if fault.kind == "html":
         return _Reply(fault.status, _HTML_PAGE.encode(), "text/html;charset=UTF-8")
     if fault.kind == "ban":
-        return _json({"status": 1111, "wait": 5, "punish": "deny", "msg": "访问过于频繁"})
+        return _json({"status": 1111, "wait": 5, "punish": "deny", "msg": "访问过于频繁"}, fault.status)
     return _Reply(200, b"\x00not json\xff", "application/octet-stream")
 
 
