@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from zkdingsync.devices import records
 from zkdingsync.devices.records import (
+    RECORD_SIZES,
+    USER_TABLE_SIZES,
     decode_time,
     encode_attendance_buffer,
     encode_local_time,
@@ -249,3 +251,33 @@ def test_codec_and_simulator_do_not_import_zk() -> None:
     sources = [package / "devices" / "records.py", *sorted((package / "simulator").glob("*.py"))]
     for source in sources:
         assert not re.search(r"^\s*(from|import)\s+zk\b", source.read_text(), re.MULTILINE), source
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(RECORD_SIZES), st.integers(min_value=1, max_value=30), st.data())
+def test_garbage_records_of_every_size_parse_or_say_why(size: int, count: int, data: st.DataObject) -> None:
+    # Random bytes that fit the framing exactly, so every per-record decoder sees garbage (a random
+    # buffer rarely divides into a known size); an unknown uid table is random garbage too.
+    body = data.draw(st.binary(min_size=size * count, max_size=size * count))
+    users = data.draw(st.dictionaries(st.integers(0, 0xFFFF), st.text(max_size=24), max_size=5))
+    parsed_size, parsed = parse_attendance_buffer(with_length_prefix(body), count, users)
+    assert parsed_size == size and len(parsed) == count
+    for record in parsed:
+        assert isinstance(record.enroll_number, str) and len(record.local_time) == 19
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(USER_TABLE_SIZES), st.integers(min_value=1, max_value=20), st.data())
+def test_garbage_user_tables_of_every_size_parse(size: int, count: int, data: st.DataObject) -> None:
+    body = data.draw(st.binary(min_size=size * count, max_size=size * count))
+    users = parse_user_table(with_length_prefix(body), count)
+    assert len(users) == count
+    assert all(isinstance(user.enroll_number, str) and isinstance(user.name, str) for user in users)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=20))
+def test_garbage_with_a_right_prefix_never_raises_anything_else(body: bytes, count: int) -> None:
+    for parse in (parse_attendance_buffer, parse_user_table):
+        with contextlib.suppress(RecordFormatError):
+            parse(with_length_prefix(body), count)

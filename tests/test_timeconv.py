@@ -250,3 +250,42 @@ def test_now_must_be_aware_and_any_zone_works() -> None:
     )
     assert a == b
     assert NOW - timedelta(0) == local_now
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+@pytest.mark.parametrize(
+    ("local_time", "expected_ms"),
+    [
+        # Spring forward 2024-03-31: 02:00 CET -> 03:00 CEST; 2024-03-31 00:00 UTC = 1711843200 s.
+        ("2024-03-31 01:59:59", 1711846799000),  # CET (+01:00): 00:59:59 UTC
+        ("2024-03-31 02:30:00", 1711848600000),  # in the gap: read with CET, 01:30 UTC
+        ("2024-03-31 03:00:00", 1711846800000),  # CEST (+02:00): 01:00 UTC
+        # Fall back 2024-10-27: 03:00 CEST -> 02:00 CET; 2024-10-27 00:00 UTC = 1729987200 s.
+        ("2024-10-27 01:59:59", 1729987199000),  # CEST: 23:59:59 UTC the day before
+        ("2024-10-27 02:30:00", 1729989000000),  # ambiguous: the first (CEST), 00:30 UTC
+        ("2024-10-27 03:00:00", 1729994400000),  # CET: 02:00 UTC
+    ],
+)
+def test_berlin_dst_edges_hand_computed(local_time: str, expected_ms: int) -> None:
+    assert local_to_epoch_ms(local_time, BERLIN) == expected_ms
+    classifier = Classifier(device="d", serial="s", tz=BERLIN, now=NOW, future_tolerance_seconds=600)
+    assert classifier.epoch_ms(local_time) == expected_ms  # the hour cache agrees at the edges
+
+
+@pytest.mark.parametrize(
+    ("local_time", "reason"),
+    [
+        ("2024-05-06 08:10:01", "in the future by 10 min"),  # NOW is 08:00 Shanghai; tolerance 600 s
+        ("2023-11-08 07:59:59", "older than DingTalk's 180-day window"),
+        ("2024-04-31 08:00:00", "impossible date 2024-04-31 08:00:00"),
+        ("2024-02-30 08:00:00", "impossible date 2024-02-30 08:00:00"),
+        ("2023-02-29 08:00:00", "impossible date 2023-02-29 08:00:00"),
+    ],
+)
+def test_suspect_punches_are_kept_with_a_reason(local_time: str, reason: str) -> None:
+    punch = Classifier(device="d", serial="s", tz=SHANGHAI, now=NOW, future_tolerance_seconds=600).classify(
+        AttendanceRecord("1001", local_time, 1, 0)
+    )
+    assert punch.quarantine_reason == reason and punch.local_time == local_time
