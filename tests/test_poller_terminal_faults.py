@@ -276,3 +276,37 @@ def test_terminal_changed_by_a_reload_during_its_poll_is_polled_again(store: Sto
     [again] = poller.poll_due(t0)  # the changed terminal was due at once, so it is polled now
     assert again.device == "slow0" and again.ok
     poller.close()
+
+
+@pytest.mark.parametrize("record_size", [8, 40])
+def test_full_log_that_overwrites_its_oldest_loses_nothing_and_stores_nothing_twice(
+    terminals: Any, store: Store, record_size: int
+) -> None:
+    terminal = terminals(
+        serial=f"ROT{record_size:07d}",
+        record_size=record_size,
+        user_table_size=28 if record_size == 8 else 72,
+        users=5,
+        capacity=10,
+        overwrite_when_full=True,
+    )
+    terminal.add_punches(10, first=recent(1))
+    cycle = Cycle(store, [device_for("gate", terminal)])
+    assert cycle()["gate"].new == 10
+    seen = set(stored_keys(store))
+    base = datetime.now(ZONE).replace(tzinfo=None) - timedelta(hours=2)
+    for round_ in range(3):
+        made = [
+            terminal.add_punch(
+                "1002", (base + timedelta(minutes=round_ * 10 + i)).strftime("%Y-%m-%d %H:%M:%S")
+            )
+            for i in range(3)
+        ]
+        assert all(made) and terminal.record_count == 10  # the count stays put
+        result = cycle()["gate"]
+        assert result.ok and result.new == 3, result
+        keys = set(stored_keys(store))
+        assert seen < keys and len(keys) == len(seen) + 3
+        seen = keys
+    cycle.restart()
+    assert cycle()["gate"].new == 0

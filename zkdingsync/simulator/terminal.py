@@ -89,6 +89,7 @@ class TerminalSpec:
     mac: str = ""  # defaults to one derived from the serial
     inline_buffers: bool = False  # answer PREPARE_BUFFER with CMD_DATA inline when the buffer is small
     first_punch: str = DEFAULT_FIRST_PUNCH  # wall-clock time of the first of `records` (see history_start)
+    overwrite_when_full: bool = False  # a full log drops its oldest record for a new punch (else refuses)
 
     def __post_init__(self) -> None:
         if self.record_size not in codec.RECORD_SIZES:
@@ -325,7 +326,8 @@ class FakeTerminal:
 
         `local_time` is the terminal's wall clock (text or naive datetime); an aware datetime is
         converted to the terminal's zone; None means the terminal clock now. Returns the record, or
-        None when the log is full (the punch is rejected, counted in `rejected_punches`). While the
+        None when the log is full (the punch is rejected, counted in `rejected_punches`; with
+        `overwrite_when_full` the oldest record makes room instead). While the
         terminal is disabled the punch waits in `pending_punches`. Raise ValueError if the punch
         cannot be represented in this terminal's layout.
         """
@@ -483,9 +485,15 @@ class FakeTerminal:
             for data in encoded:
                 if not self._enabled:
                     self._pending.append(data)
-                elif self._record_count() >= self.spec.capacity:
+                elif self._record_count() >= self.spec.capacity and not (
+                    self.spec.overwrite_when_full and self.spec.capacity
+                ):
                     self._rejected += 1
                     full = True
+                elif self._record_count() >= self.spec.capacity:
+                    del self._log[: self.spec.record_size]  # firmware that rotates a full log
+                    self._log += data
+                    stored.append(data)
                 else:
                     self._log += data
                     stored.append(data)
