@@ -310,3 +310,27 @@ def test_full_log_that_overwrites_its_oldest_loses_nothing_and_stores_nothing_tw
         seen = keys
     cycle.restart()
     assert cycle()["gate"].new == 0
+
+
+def test_close_waits_for_polls_on_a_pool_retired_by_a_reload(store: Store) -> None:
+    import threading
+
+    devices = [DeviceConfig(name="slow0", host="127.0.0.1", port=4370)]
+    timer = ThreadTimer()
+    reader = SlowReader({"slow0"}, timer)
+    reader.hanging = True
+    t0 = datetime(2024, 5, 6, tzinfo=timezone.utc)
+    poller = Poller(devices, store, poll=POLL, clock=lambda: t0, reader=reader, timer=timer)
+    runner = threading.Thread(target=poller.poll_due)
+    runner.start()
+    wait_for(lambda: reader.started == ["slow0"])
+    more = [DeviceConfig(name=f"ok{i}", host="127.0.0.1", port=4400 + i) for i in range(3)]
+    poller.update_devices([*devices, *more])  # a bigger pool; the old one retires with the poll in it
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (poller.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.2), "close() returned while a poll was still using the store"
+    reader.gate.set()
+    closer.join(30)
+    runner.join(30)
+    assert closed.is_set()

@@ -257,6 +257,7 @@ class Poller:
         self._terminals: dict[str, _Terminal] = {d.name: _Terminal(d, now) for d in devices}
         self._workers = self._pool_size()
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="poll")
+        self._retired: list[ThreadPoolExecutor] = []  # pools replaced by a reload, polls maybe in flight
 
     @classmethod
     def from_config(
@@ -310,6 +311,7 @@ class Poller:
                 )
                 self._workers = workers
                 retired.shutdown(wait=False)  # polls in flight there finish on their own
+                self._retired.append(retired)  # and close() waits for them
         log.info(
             "poller.devices_updated",
             terminals=len(fresh),
@@ -388,8 +390,9 @@ class Poller:
     def close(self) -> None:
         """Wait for polls in flight (cancel them first by setting the event given to run/poll_due)."""
         with self._lock:
-            executor = self._executor
-        executor.shutdown(wait=True)
+            executors = [*self._retired, self._executor]
+        for executor in executors:
+            executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------ a poll
 
