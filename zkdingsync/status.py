@@ -1,8 +1,8 @@
 """What `zkdingsync status` shows: terminals, delivery states and DingTalk health, read from the store.
 
-`status` runs beside the daemon: it opens the store without the instance lock (WAL lets it read while the
-daemon writes) and never creates a store. It exits 0 when nothing needs attention and 1 otherwise, so a
-monitoring script can run `zkdingsync status --json` and alert on the exit code, then read
+`status` runs beside the daemon: it opens the store read-only without the instance lock (WAL lets it read
+while the daemon writes) and never creates a store. It exits 0 when nothing needs attention and 1
+otherwise, so a monitoring script can run `zkdingsync status --json` and alert on the exit code, then read
 `needs_attention` for the reasons.
 
 Key-values the forwarder writes for this module (`store.set_value`):
@@ -161,8 +161,35 @@ def collect_status(
 
     Terminals in the config but absent from the store appear as "never polled"; terminals only in the
     store (removed from the config) are left out when names are given. Every text read from the store is
-    scrubbed of `secrets`. Raise StoreError when the store cannot be read.
+    scrubbed of `secrets`. Everything is read in one snapshot, so the figures agree with each other
+    while the daemon writes. Raise StoreError when the store cannot be read.
     """
+    with store.snapshot():
+        return _collect(
+            store,
+            config_devices,
+            now,
+            month_quota=month_quota,
+            local_tz=local_tz,
+            drift_threshold_seconds=drift_threshold_seconds,
+            pending_age_threshold=pending_age_threshold,
+            stale_after=stale_after,
+            secrets=secrets,
+        )
+
+
+def _collect(
+    store: Store,
+    config_devices: Sequence[str] | None,
+    now: datetime,
+    *,
+    month_quota: int,
+    local_tz: tzinfo,
+    drift_threshold_seconds: float | None,
+    pending_age_threshold: timedelta,
+    stale_after: timedelta | None,
+    secrets: Collection[str],
+) -> StatusReport:
     today = start_of_day(now, local_tz)
     known = {checkpoint.device: checkpoint for checkpoint in store.checkpoints()}
     names = list(config_devices) if config_devices is not None else sorted(known)
@@ -553,8 +580,8 @@ def status_command(
     """Given a loaded Config, print the status (text or one JSON document) and return the exit code.
 
     Return 0 when nothing needs attention, 1 when something does or when the store is missing or
-    unreadable. The store is opened without the instance lock, so this works while the daemon runs, and is
-    never created: a missing store is reported as such.
+    unreadable. The store is opened read-only without the instance lock, so this works while the daemon
+    runs, and is never created: a missing store is reported as such.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -564,7 +591,8 @@ def status_command(
     if not path.exists():
         return _fail(f"no store yet at {path} (has the daemon run?)", as_json, out, err, now, zone)
     try:
-        with Store.open(path) as store:
+        # Read-only: nothing is created or migrated, even when root runs this beside the daemon.
+        with Store.open(path, read_only=True) as store:
             report = collect_status(
                 store,
                 [device.name for device in config.devices],

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +89,12 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at TEXT)")
     db.execute("CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL)")
     db.execute("CREATE TABLE job_numbers (job_number TEXT PRIMARY KEY, userid TEXT NOT NULL)")
+
+
+@migrations()
+def m002_outcome_unknown_index(db: sqlite_utils.Database) -> None:
+    """`status` counts possible duplicates on every run: an index instead of a scan of every punch."""
+    db.execute("CREATE INDEX punches_outcome_unknown ON punches (id) WHERE outcome_unknown = 1")
 
 
 def _iso(at: datetime) -> str:
@@ -196,13 +202,18 @@ class Store:
     # ------------------------------------------------------------------ life cycle
 
     @classmethod
-    def open(cls, path: Path, *, lock: bool = False) -> Store:
+    def open(cls, path: Path, *, lock: bool = False, read_only: bool = False) -> Store:
         """Given the database path, open (creating and migrating) the store.
 
-        With `lock=True` take the single-instance lock first. Raise StoreLockedError if another process
-        holds it, StoreError if the file or its directory cannot be used.
+        With `lock=True` take the single-instance lock first. With `read_only=True` open an existing store
+        for reading only (for `status`): nothing is created, migrated or written. (Run as root beside the
+        daemon, SQLite gives any -wal or -shm file it creates to the database's owner.) Raise
+        StoreLockedError if another process holds the lock, StoreError if the file or its directory cannot
+        be used.
         """
         path = Path(path)
+        if read_only:
+            return cls._open_read_only(path)
         lock_fd = _acquire_lock(path) if lock else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,12 +229,36 @@ class Store:
         except sqlite3.Error as error:
             if lock_fd is not None:
                 os.close(lock_fd)
-            raise StoreError(f"store {path}: {error}") from error
+            raise _store_error(path, error) from error
         except OSError as error:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise StoreError(f"store {path}: {error.strerror or error}") from error
         return cls(db, path, lock_fd)
+
+    @classmethod
+    def _open_read_only(cls, path: Path) -> Store:
+        if not path.is_file():
+            raise StoreError(f"store {path}: no such file")
+        try:
+            # mode=rw never creates the file; query_only refuses every write. Not mode=ro: a read-only
+            # connection cannot remove the -wal and -shm files it creates, a read-write one does on close.
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=rw",
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,
+            )
+            conn.isolation_level = None
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only=ON")
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as error:
+            raise _store_error(path, error) from error
+        if "punches" not in tables:
+            conn.close()
+            raise StoreError(f"store {path}: not a zkdingsync store (it has no punches table)")
+        return cls(sqlite_utils.Database(conn), path, None)
 
     def close(self) -> None:
         """Close the connection and release the instance lock."""
@@ -242,6 +277,22 @@ class Store:
         self.close()
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Read in one transaction: every query inside sees the store as it was at the first one, however
+        much the daemon writes meanwhile (WAL). Raise StoreError when the store cannot be read."""
+        with self._mutex:
+            try:
+                self._conn.execute("BEGIN")
+            except sqlite3.Error as error:
+                raise _store_error(self.path, error) from error
+            try:
+                yield
+            finally:
+                # A failed read may have ended the transaction already.
+                with suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; sqlite errors become StoreError (disk full, read-only, locked)."""
         with self._mutex:
@@ -249,14 +300,14 @@ class Store:
                 with self._db.atomic():
                     yield self._conn
             except sqlite3.Error as error:
-                raise StoreError(f"store {self.path}: {error}") from error
+                raise _store_error(self.path, error) from error
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._mutex:
             try:
                 return list(self._conn.execute(sql, params).fetchall())
             except sqlite3.Error as error:
-                raise StoreError(f"store {self.path}: {error}") from error
+                raise _store_error(self.path, error) from error
 
     def integrity_check(self) -> str:
         """Return SQLite's `PRAGMA integrity_check` answer ("ok" when the file is sound)."""
@@ -612,6 +663,20 @@ class Store:
                 params,
             )
             return cursor.rowcount
+
+
+def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
+    """Given a database path and SQLite's error, return a StoreError saying what the admin can check."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        hint = f" (is the disk holding {path.parent} full, read-only or failing?)"
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        hint = f" (does this user own {path.parent} and may it write there?)"
+    elif name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        hint = " (the file is damaged or is not a zkdingsync store)"
+    else:
+        hint = ""
+    return StoreError(f"store {path}: {error}{hint}")
 
 
 def _acquire_lock(path: Path) -> int:
