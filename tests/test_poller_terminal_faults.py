@@ -334,3 +334,19 @@ def test_close_waits_for_polls_on_a_pool_retired_by_a_reload(store: Store) -> No
     closer.join(30)
     runner.join(30)
     assert closed.is_set()
+
+
+def test_a_garbled_future_date_does_not_freeze_a_uids_name() -> None:
+    from zkdingsync.model import AttendanceRecord
+    from zkdingsync.poller import UidNames
+
+    names = UidNames({}, {})
+    horizon = "2024-05-07 08:00:00"
+    old = AttendanceRecord("1002", "2024-05-01 08:00:00", 1, 0, 0, 2)
+    garbled = AttendanceRecord("1002", "2133-12-31 23:59:59", 1, 0, 0, 2)
+    assert [r.enroll_number for r in names.resolve([old, garbled], {2: "1002"}, horizon)] == ["1002", "1002"]
+    assert names.last == {2: "2024-05-01 08:00:00"}
+    # uid 2 now belongs to 2002, who punches: a new punch, not history behind the garbled date.
+    new = AttendanceRecord("2002", "2024-05-06 09:00:00", 1, 0, 0, 2)
+    resolved = names.resolve([old, garbled, new], {2: "2002"}, horizon)
+    assert [r.enroll_number for r in resolved] == ["1002", "2002", "2002"]

@@ -167,14 +167,26 @@ class UidNames:
             separators=(",", ":"),
         )
 
-    def resolve(self, records: Sequence[AttendanceRecord], live: Mapping[int, str]) -> list[AttendanceRecord]:
-        """Given 8-byte records (in log order) and the live user table, return them with the enroll
-        number each one was (or now is) first stored under; `changed` tells whether to save."""
+    def resolve(
+        self, records: Sequence[AttendanceRecord], live: Mapping[int, str], horizon: str = "9999"
+    ) -> list[AttendanceRecord]:
+        """Given 8-byte records (in log order), the live user table and the latest plausible local
+        time ("YYYY-MM-DD HH:MM:SS"), return the records with the enroll number each one was (or now
+        is) first stored under; `changed` tells whether to save. A record past `horizon` (a garbled
+        date, quarantined anyway) takes today's name but moves nothing: it must not make every later
+        punch of its uid look like history."""
         resolved: list[AttendanceRecord] = []
         for record in records:
             uid, when = record.uid, record.local_time
             if uid is None:
                 resolved.append(record)
+                continue
+            if when > horizon:
+                periods = self.periods.get(uid)
+                enroll = live.get(uid) or (periods[-1][0] if periods else record.enroll_number)
+                resolved.append(
+                    record if enroll == record.enroll_number else record._replace(enroll_number=enroll)
+                )
                 continue
             periods = self.periods.get(uid)
             last = self.last.get(uid)
@@ -550,7 +562,9 @@ class Poller:
             text = self._store.get_value(UidNames.key(serial), now=self._clock())
             terminal.uid_names = (serial, UidNames.load(text))
         names = terminal.uid_names[1]
-        records = names.resolve(read.records, read.users_by_uid or {})
+        # Past this, a time is a garbled record or a clock far ahead (quarantined as in the future).
+        horizon = (self._clock() + timedelta(days=1)).astimezone(terminal.zone).strftime("%Y-%m-%d %H:%M:%S")
+        records = names.resolve(read.records, read.users_by_uid or {}, horizon)
         if names.changed:
             try:
                 self._store.set_value(UidNames.key(serial), names.dump())
