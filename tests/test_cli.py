@@ -203,3 +203,41 @@ def test_python_dash_m_runs_the_cli(config_file: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("1 terminal, 1 mapped employee")
     assert done.stderr == ""
+
+
+def test_a_store_that_cannot_be_opened_at_start_is_not_a_config_error(tmp_path: Path) -> None:
+    """A state directory that cannot be written (read-only after a disk error, full, wrong owner) is not
+    the config file's fault: `validate` names it (exit 78), but `run` exits 1 so that systemd keeps
+    restarting it (RestartPreventExitStatus=78 would stop it for good) and it recovers by itself once the
+    directory is usable again; `status` and `retry` report the store themselves."""
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be\n", encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "dingtalk: {app_key: k, app_secret: s3cret-value}\n"
+        "devices: [{name: a, host: 127.0.0.1}]\n"
+        f"store: {{path: {blocker / 'zk.db'}}}\n",
+        encoding="utf-8",
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "zkdingsync", *args, "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    validate = run("validate")
+    assert validate.returncode == 78
+    assert ":3: store.path" in validate.stderr
+    result = run("run")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot open the store" in lines[0], result.stderr
+    status = run("status")
+    assert status.returncode == 1
+    assert status.stderr.startswith("zkdingsync status: no store yet"), status.stderr
+    for output in (validate, result, status):
+        assert "Traceback" not in output.stderr + output.stdout

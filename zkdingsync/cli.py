@@ -41,7 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from zkdingsync.service import run_daemon
 
-    return run_daemon(config_path(args), load_settings(args))
+    # A store that cannot be opened now (read-only or full disk, directory not there yet) is not a config
+    # error: exit 1 and let systemd restart the daemon until the disk is usable again, never 78.
+    return run_daemon(config_path(args), load_settings(args, check_store=False))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -55,14 +57,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show per-terminal and per-delivery-state figures from the store."""
     from zkdingsync.status import status_command
 
-    return status_command(load_settings(args, require_secrets=False), as_json=args.json)
+    return status_command(load_settings(args, require_secrets=False, check_store=False), as_json=args.json)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Connect to terminals and report serial, firmware, clock drift, records and capacity."""
     from zkdingsync.probe import probe
 
-    return probe(load_settings(args, require_secrets=False), args.names)
+    return probe(load_settings(args, require_secrets=False, check_store=False), args.names)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -70,7 +72,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from zkdingsync.retry import retry_command
 
     return retry_command(
-        load_settings(args, require_secrets=False),
+        load_settings(args, require_secrets=False, check_store=False),
         reason=args.reason,
         device=args.device,
         include_quarantined=args.quarantined,
@@ -103,14 +105,17 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
 
 
-def load_settings(args: argparse.Namespace, *, require_secrets: bool = True) -> Config:
+def load_settings(
+    args: argparse.Namespace, *, require_secrets: bool = True, check_store: bool = True
+) -> Config:
     """Given parsed arguments, load the config and re-apply logging with its level and format.
 
     The -v/-q and --log-format options win over the config's `log` section. Commands that never call
     DingTalk (status, retry, probe) pass `require_secrets=False`, so that an admin can run them without
-    the service's secrets at hand. Raise ConfigError.
+    the service's secrets at hand. `check_store=False` leaves the store's directory to the command
+    (see `load_config`). Raise ConfigError.
     """
-    config = load_config(config_path(args), require_secrets=require_secrets)
+    config = load_config(config_path(args), require_secrets=require_secrets, check_store=check_store)
     level = _cli_level(args) or config.log.level
     fmt = args.log_format or config.log.format
     configure_logging(level=level, fmt=fmt)

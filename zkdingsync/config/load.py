@@ -86,13 +86,20 @@ class _Problems:
 
 
 def load_config(
-    path: Path | str, environ: Mapping[str, str] | None = None, *, require_secrets: bool = True
+    path: Path | str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_secrets: bool = True,
+    check_store: bool = True,
 ) -> Config:
     """Given the path of a YAML config file, return the validated Config.
 
     `environ` (default `os.environ`) supplies `${VAR}` values and `$CREDENTIALS_DIRECTORY`.
     With `require_secrets=False` (commands that never call DingTalk: status, retry, probe) a secret
     that cannot be read is not a problem and comes back as "" (None when optional).
+    With `check_store=False` a store path that cannot be written now is not a problem: the state of a
+    disk is not the config file's fault, and the daemon must not exit 78 (which stops systemd's restarts)
+    over a directory that is read-only or missing only for a while; it fails to open the store instead.
     Raise ConfigError listing every problem found, one line each with file, line and key path.
     Nothing is created or changed on disk.
     """
@@ -114,7 +121,7 @@ def load_config(
         problems.add(1, "", "the file is empty; expected a mapping with at least dingtalk and devices")
         raise ConfigError(problems.lines())
     base_dir = source.absolute().parent
-    checker = _Checker(problems, env, base_dir, require_secrets=require_secrets)
+    checker = _Checker(problems, env, base_dir, require_secrets=require_secrets, check_store=check_store)
     values = checker.section(SCHEMA, tree, "", 1)
     if values is not _INVALID:
         checker.cross_check(values, tree)
@@ -284,10 +291,17 @@ class _Checker:
     """Walk the _Node tree along the schema; return plain values, record every problem."""
 
     def __init__(
-        self, problems: _Problems, environ: Mapping[str, str], base_dir: Path, *, require_secrets: bool = True
+        self,
+        problems: _Problems,
+        environ: Mapping[str, str],
+        base_dir: Path,
+        *,
+        require_secrets: bool = True,
+        check_store: bool = True,
     ) -> None:
         self.problems = problems
         self.require_secrets = require_secrets
+        self.check_store = check_store
         self.environ = environ
         self.base_dir = base_dir
         self._zones: set[str] | None = None
@@ -678,7 +692,7 @@ class _Checker:
         if isinstance(devices, list):
             self._unique_devices(devices, tree.value["devices"].value.value)
         store = values.get("store")
-        if isinstance(store, dict) and isinstance(store.get("path"), Path):
+        if self.check_store and isinstance(store, dict) and isinstance(store.get("path"), Path):
             store_line = 1
             store_entry = tree.value.get("store")
             if store_entry is not None:
