@@ -180,3 +180,24 @@ def test_bad_arguments_are_refused() -> None:
         configure_logging("loud", "json")
     with pytest.raises(ValueError, match="format"):
         configure_logging("info", "xml")
+
+
+def test_credentials_in_url_queries_are_redacted_even_when_never_registered() -> None:
+    """The DingTalk access token is fetched at run time and never registered; an unforeseen exception
+    whose message carries the request URL (requests/urllib3 put it there) must not leak it."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream, environ={})
+    try:
+        raise ConnectionError(
+            "HTTPSConnectionPool(host='oapi.dingtalk.com', port=443): Max retries exceeded with url: "
+            "/topapi/attendance/record/upload?access_token=f00dcafe1234beef5678 (Caused by reset)"
+        )
+    except ConnectionError:
+        log.exception(
+            "delivery.upload_crashed", url="https://x/robot/send?access_token=abcd1234&sign=s1gn%2B"
+        )
+    logging.getLogger("dingtalk.sdk").error("GET /gettoken?appkey=dingk&appsecret=Xy9-secret-value failed")
+    output = stream.getvalue()
+    for leaked in ("f00dcafe1234beef5678", "abcd1234", "s1gn%2B", "Xy9-secret-value"):
+        assert leaked not in output, output
+    assert "access_token=***" in output and "appkey=dingk" in output

@@ -5,7 +5,7 @@
   sd-daemon priority prefix `<N>`, so `journalctl -p warning` works, and no timestamp is added (journald
   keeps its own).
 - Secrets never reach the output: values of keys named like secrets become `***`, and any registered
-  secret value found inside a string is replaced by `***`.
+  secret value, or credential in a URL query (`access_token=...`), found inside a string becomes `***`.
 - The standard library's `logging` (used by the DingTalk SDK, urllib3) is routed into the same output at
   WARNING and above.
 
@@ -51,6 +51,12 @@ _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 # message would make logs unreadable and would itself hint at the secret.
 _MIN_SECRET_LENGTH = 4
 
+# Credentials in URL queries (DingTalk's run-time access token, a robot's token and signature, the app
+# secret of /gettoken): redacted wherever a URL lands in a message, registered or not.
+_SECRET_QUERY = re.compile(
+    r"([?&](?:access_token|appsecret|app_secret|sign|secret)=)[^&\s\"'<>)]+", re.IGNORECASE
+)
+
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 _secret_pattern: re.Pattern[str] | None = None
@@ -92,7 +98,10 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """Given a string, return it with every registered secret value replaced by `***`."""
+    """Given a string, return it with every registered secret value, and every credential in a URL query
+    (`access_token=`, `appsecret=`, `sign=`, ...), replaced by `***`."""
+    if "=" in text:
+        text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
     pattern = _secret_pattern
     if pattern is None:
         return text
