@@ -385,3 +385,36 @@ def test_wake_ends_an_idle_wait_at_once_but_stop_still_ends_the_loop(store: Stor
             forwarder.wake()
             thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+def test_no_dingtalk_call_is_spent_while_the_store_refuses_writes(store: Store) -> None:
+    punches = make_punches(3, first_ms=hour_ago_ms())
+    save(store, punches)
+    clock = FakeClock(datetime.now(timezone.utc))
+    store.claim_due(clock(), 1)  # left in flight by a crash: its outcome must be read back
+    with FakeDingTalk(set(USERS.values())) as fake:
+        forwarder = Forwarder(
+            store,
+            client_for(fake, store),
+            UserMapper(USERS),
+            clock=clock,
+            sleep=clock.sleep,
+            settle_delay_seconds=30,
+        )
+        with forwarder:
+            forwarder.step()  # delivers the two others; the one in flight rests before its read-back
+            assert len(fake.uploads) == 2
+            store._conn.execute("PRAGMA query_only=ON")  # as a full disk would: every write fails
+            clock.advance(65)
+            forwarder.step()  # reads back once, cannot record what it learnt
+            calls = sum(fake.calls.values())
+            for _ in range(5):
+                clock.advance(65)  # past the next settling round each time
+                forwarder.step()
+            assert sum(fake.calls.values()) == calls  # no read-back (or upload) until the store works
+            store._conn.execute("PRAGMA query_only=OFF")
+            for _ in range(5):
+                clock.advance(65)
+                forwarder.step()
+    assert uploaded(fake) == expected(punches)
+    assert store.delivery_counts()[Delivery.DELIVERED] == 3

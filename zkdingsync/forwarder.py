@@ -68,6 +68,9 @@ _SECOND_MS = 1000
 MAPPING_WAIT = timedelta(seconds=5)
 
 
+STORE_PROBE_KEY = "delivery.store_probe"
+
+
 class DeliveryStore(Protocol):
     """The store as the forwarder uses it."""
 
@@ -431,6 +434,10 @@ class Forwarder:
         now = self._clock()
         self._idle = False
         try:
+            if self._store_failing:
+                # Nothing DingTalk says can be recorded while the store refuses writes: check it first, so
+                # that no call (and no quota) is spent until it takes writes again.
+                self._store.set_value(STORE_PROBE_KEY, now.isoformat())
             if self._next_settle_at is None:
                 # Health published by an earlier run is forgotten: the first call says it again.
                 self._store.delete_value(DINGTALK_HEALTH_KEY)

@@ -129,6 +129,7 @@ class Daemon:
         )
         self.poller = Poller.from_config(config, store=self.store, on_new_punches=self.forwarder.wake)
         self._threads: list[threading.Thread] = []
+        self.crashed = False  # a worker thread died of a bug: exit 1 so that systemd restarts us
 
     def _mapper(self, config: Config) -> UserMapper:
         return UserMapper(
@@ -144,6 +145,7 @@ class Daemon:
                 worker.run(self.signals.stop)
             except Exception:  # the edge of a worker thread: log the traceback, stop the daemon
                 log.exception("worker.crashed", worker=name)
+                self.crashed = True
                 self.signals.stop.set()
                 self.signals.wake.set()
 
@@ -200,7 +202,7 @@ class Daemon:
             self._alert()
 
     def stop(self) -> int:
-        """Let the workers finish the step in flight, close the store; return 0."""
+        """Let the workers finish the step in flight, close the store; return 0 (1 after a worker crash)."""
         systemd.stopping()
         log.info("daemon.stopping")
         self.forwarder.wake()  # an idle wait ends now rather than at its timeout
@@ -216,13 +218,15 @@ class Daemon:
             self.notifier.close()
         self.store.close()
         log.info("daemon.stopped")
-        return 0
+        return 1 if self.crashed else 0
 
     def reload(self) -> None:
         """Re-read the configuration and apply it; keep the old one if the new one is invalid."""
         systemd.reloading()
         try:
-            new = load_config(self.config_path)
+            # The store is already open: whether its directory is writable right now is not the config's
+            # problem (a full disk must not block a reload).
+            new = load_config(self.config_path, check_store=False)
         except ConfigError as error:
             log.error("config.reload_rejected", problems=error.problems, kept="previous configuration")
             systemd.ready()

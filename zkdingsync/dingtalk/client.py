@@ -401,6 +401,7 @@ class DingTalkClient:
         self._count_lock = threading.Lock()
         self._unsaved_counts: Counter[str] = Counter()
         self._unsaved_since: datetime | None = None
+        self._count_failing = False
 
     @classmethod
     def from_settings(
@@ -771,9 +772,13 @@ class DingTalkClient:
                     counts[month] = 0
             except StoreError as error:
                 # Losing a count is better than losing the outcome of a call that DingTalk may have taken.
-                log.warning("dingtalk.call_count_failed", error=str(error))
+                if not self._count_failing:  # once per outage, not once per call
+                    log.warning("dingtalk.call_count_failed", error=str(error))
+                self._count_failing = True
                 self._unsaved_counts.update(+counts)
                 self._unsaved_since = self._clock()
+            else:
+                self._count_failing = False
 
 
 def _upload_problem(upload: Upload) -> str | None:
