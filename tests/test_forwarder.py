@@ -418,3 +418,34 @@ def test_no_dingtalk_call_is_spent_while_the_store_refuses_writes(store: Store) 
                 forwarder.step()
     assert uploaded(fake) == expected(punches)
     assert store.delivery_counts()[Delivery.DELIVERED] == 3
+
+
+def test_an_unknown_outcome_is_read_back_under_the_userid_it_was_sent_as_after_a_map_change(
+    store: Store,
+) -> None:
+    [punch] = make_punches(1, first_ms=hour_ago_ms(), enroll_numbers=["1001"])
+    save(store, [punch])
+    clock = FakeClock(datetime.now(timezone.utc))
+    with FakeDingTalk({"user01", "someone-else"}) as fake:
+        fake.hang_next(1, accept=True)  # DingTalk takes the upload, the answer never comes
+        first = Forwarder(
+            store, client_for(fake, store, timeout=0.3), UserMapper(USERS), clock=clock, sleep=clock.sleep
+        )
+        with first:
+            first.step()
+        assert len(fake.uploads) == 1 and store.delivery_counts()[Delivery.IN_FLIGHT] == 1
+        # The admin edits users.map and restarts: 1001 now maps to another DingTalk user.
+        clock.advance(120)
+        second = Forwarder(
+            store,
+            client_for(fake, store),
+            UserMapper({"1001": "someone-else"}),
+            clock=clock,
+            sleep=clock.sleep,
+        )
+        with second:
+            second.step()
+            clock.advance(120)
+            second.step()
+    assert [u["userid"] for u in fake.uploads] == ["user01"]  # found by reading back, not sent again
+    assert store.delivery_counts()[Delivery.DELIVERED] == 1

@@ -78,6 +78,8 @@ class DeliveryStore(Protocol):
 
     def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None: ...
 
+    def record_upload_userids(self, userids: Mapping[int, str]) -> None: ...
+
     def mark_pending(
         self, punch_id: int, *, retry_at: datetime, reason: str, outcome_unknown: bool = False
     ) -> None: ...
@@ -545,6 +547,10 @@ class Forwarder:
         self._idle = not batch
         if not batch:
             return self._idle_seconds
+        # Durably, before anything is sent: the userid each punch goes out as (read back under it if needed).
+        userids = {s.id: u for s in batch if (u := self._mapper.resolve(s.punch.enroll_number)) is not None}
+        if userids:
+            self._store.record_upload_userids(userids)
         started = time.monotonic()
         counts: Counter[str] = Counter()
         futures: list[Future[str]] = []
@@ -857,7 +863,9 @@ class Forwarder:
                 continue
             with self._state:
                 userid = self._sent_as.get(stored.id)
-            if userid is None:  # left by an earlier run: the upload's userid is not known, resolve again
+            if userid is None:  # left by an earlier run: the userid recorded before its upload went out
+                userid = stored.userid
+            if userid is None:  # a store from before userids were recorded: resolve again
                 userid = self._mapper.resolve(punch.enroll_number)
             if userid is None and self.mapping_refreshing:
                 later.append(now + MAPPING_WAIT)

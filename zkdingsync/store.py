@@ -138,11 +138,12 @@ class StoredPunch:
     attempts: int
     outcome_unknown: bool
     in_flight_since: datetime | None
+    userid: str | None = None  # the DingTalk userid it was (last) uploaded as, or delivered to
 
 
 _PUNCH_COLUMNS = (
     "id, serial, enroll_number, local_time, punch_state, verify_mode, device, check_time_ms, workcode, "
-    "delivery, reason, attempts, outcome_unknown, in_flight_since"
+    "delivery, reason, attempts, outcome_unknown, in_flight_since, userid"
 )
 
 
@@ -166,6 +167,7 @@ def _stored_punch(row: sqlite3.Row) -> StoredPunch:
         attempts=row["attempts"],
         outcome_unknown=bool(row["outcome_unknown"]),
         in_flight_since=_parse(row["in_flight_since"]),
+        userid=row["userid"],
     )
 
 
@@ -462,6 +464,15 @@ class Store:
     def _update(self, sql: str, params: Sequence[Any]) -> None:
         with self._transaction() as conn:
             conn.execute(sql, params)
+
+    def record_upload_userids(self, userids: Mapping[int, str]) -> None:
+        """Remember, before the uploads go out, which DingTalk userid each punch is sent as: should its
+        outcome become unknown, DingTalk is read back under that userid, even if `users.map` changed."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE punches SET userid = ? WHERE id = ?",
+                [(userid, pid) for pid, userid in userids.items()],
+            )
 
     def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None:
         """DingTalk confirmed the punch (or a read-back found it)."""
