@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +242,16 @@ def test_a_store_that_cannot_be_opened_at_start_is_not_a_config_error(tmp_path: 
     assert status.stderr.startswith("zkdingsync status: no store yet"), status.stderr
     for output in (validate, result, status):
         assert "Traceback" not in output.stderr + output.stdout
+
+
+def test_validate_warns_when_nobody_is_mapped(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = config_file.read_text(encoding="utf-8")
+    assert main(["validate", "-c", str(config_file)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    unmapped = re.sub(r"users:\n  map:\n(    .*\n)+", "", text)
+    assert unmapped != text
+    config_file.write_text(unmapped, encoding="utf-8")
+    assert main(["validate", "-c", str(config_file)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("1 terminal, 0 mapped employees")
+    assert "warning: users.map is empty and users.match_job_number is off" in captured.err

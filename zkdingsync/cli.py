@@ -50,7 +50,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check the configuration; print a one-line summary on stdout. ConfigError (exit 78) otherwise."""
     config = load_settings(args)
     print(summarize(config))
+    for warning in advise(config):
+        print(f"zkdingsync: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def advise(config: Config) -> list[str]:
+    """Given a valid Config, return what is allowed but probably not meant (printed by `validate`)."""
+    warnings = []
+    if not config.users.map and not config.users.match_job_number:
+        warnings.append(
+            "users.map is empty and users.match_job_number is off: every punch will be parked until "
+            "employees are mapped to DingTalk users"
+        )
+    return warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:
