@@ -369,3 +369,14 @@ def test_refused_port_down_and_recovered_logged_once(
     assert recovered["device"] == "bad" and recovered["down_for"]
     assert back["bad"].ok and back["bad"].new == 1
     assert_stored_exactly_once(store, bad)
+
+
+def test_a_restart_trusts_the_checkpoint_and_does_not_download_unchanged_logs(
+    terminals: Terminals, store: Store
+) -> None:
+    lobby = terminals(serial="RESTART1", records=0)
+    lobby.add_punches(50, first=recent(1))
+    assert make_cycle(store, [device_for("lobby", lobby)])()["lobby"].downloaded
+    restarted = make_cycle(store, [device_for("lobby", lobby)])  # a new process, same store
+    assert not restarted()["lobby"].downloaded
+    assert restarted(3600)["lobby"].downloaded  # the hourly full read still comes

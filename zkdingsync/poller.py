@@ -447,7 +447,11 @@ class Poller:
             digest = None  # only trusted while it describes exactly what the store last saved
         # The count alone cannot show a log cleared and refilled to the same count between two polls:
         # now and then read the whole log anyway (the digest keeps an unchanged one cheap to store).
-        verify = terminal.verified_at is None or now - terminal.verified_at >= self._verify_every
+        if terminal.verified_at is None:
+            # At start-up the checkpoint is trusted (a restart must not download every log at once), and
+            # the terminals' hourly full reads are spread over the hour.
+            terminal.verified_at = now - self._verify_every * self._jitter()
+        verify = now - terminal.verified_at >= self._verify_every
         try:
             read = self._reader.read_log(
                 device,
