@@ -188,7 +188,12 @@ def test_disk_full_fails_closed_says_so_once_and_recovers_by_itself(
         # Nothing could be stored, so nothing new went out; the terminals still hold their punches and
         # the checkpoints did not move.
         assert len(dingtalk.uploads) == uploads_before
-        assert all(terminal.enabled and len(terminal.records) == 5 for terminal in fleet.values())
+        # (A poll may be under way at this instant, the terminal disabled: wait for it to end.)
+        wait_for(
+            lambda: all(terminal.enabled and len(terminal.records) == 5 for terminal in fleet.values()),
+            timeout=10,
+            interval=0.01,
+        )
         with Store.open(store) as reader:
             assert [checkpoint.record_count for checkpoint in reader.checkpoints()] == [3, 3]
             assert len(reader.punches()) == 6
