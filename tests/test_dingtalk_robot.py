@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import structlog
+from fixtures_simulator import wait_for
 
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import FakeDingTalk
@@ -56,9 +57,7 @@ def test_alerts_are_sent_signed_from_a_background_thread(fake: FakeDingTalk, cli
         started = time.monotonic()
         notifier.notify("terminal lobby is down")
         assert time.monotonic() - started < 0.05  # notify never waits for the network
-        deadline = time.monotonic() + 5
-        while not fake.robot_messages and time.monotonic() < deadline:
-            time.sleep(0.01)  # waiting on a condition with a deadline
+        wait_for(lambda: fake.robot_messages, timeout=5)
     assert contents(fake) == [f"{PREFIX} terminal lobby is down"]
 
 
@@ -142,9 +141,7 @@ def test_close_interrupts_pacing_and_drops_the_rest() -> None:
     notifier = RobotNotifier(sender, TOKEN, None, min_interval_seconds=30).start()
     for number in range(3):
         notifier.notify(f"alert {number}")
-    deadline = time.monotonic() + 5
-    while not sender.sent and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting on a condition with a deadline
+    wait_for(lambda: sender.sent, timeout=5)
     started = time.monotonic()
     notifier.close()
     assert time.monotonic() - started < 2

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from fixtures_simulator import wait_for
 
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
@@ -182,9 +183,7 @@ def test_a_slow_job_number_walk_does_not_hold_delivery_back(store: Store) -> Non
             assert counts[Delivery.PARKED] == 0  # 2002 waits for the table rather than being parked
             assert counts[Delivery.PENDING] == 1
             source.gate.set()
-            deadline = time.monotonic() + 10
-            while forwarder.mapping_refreshing and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: not forwarder.mapping_refreshing, timeout=10)
             assert mapper.resolve("2002") == "u2"
             assert forwarder.drain(max_steps=200)
         client.close()
