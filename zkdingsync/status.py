@@ -434,7 +434,7 @@ def render_text(report: StatusReport) -> str:
                 _terminal_state(t, zone),
                 _when(t.last_success, now, zone),
                 _records(t),
-                "-" if t.drift_seconds is None else f"{t.drift_seconds:+.0f} s",
+                "-" if t.drift_seconds is None else f"{round(t.drift_seconds) or 0:+d} s",
                 str(t.new_today),
                 _shorten(t.last_error or "-", _ERROR_WIDTH),
             ]
