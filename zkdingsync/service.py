@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
@@ -29,7 +29,7 @@ from zkdingsync.dingtalk.robot import RobotNotifier
 from zkdingsync.errors import ConfigError, StoreError, StoreLockedError, UserError
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
-from zkdingsync.model import Delivery
+from zkdingsync.model import Delivery, utc_now
 from zkdingsync.poller import Poller
 from zkdingsync.store import Store
 
@@ -86,7 +86,7 @@ class Daemon:
         config: Config,
         config_path: Path,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -102,7 +102,12 @@ class Daemon:
         self.client = DingTalkClient.from_settings(
             config.dingtalk, store=self.store, org_timezone=config.timezone
         )
-        self.mapper = self._mapper(config)
+        self.mapper = UserMapper(
+            config.users.map,
+            match_job_number=config.users.match_job_number,
+            source=self.client,
+            cache=self.store,
+        )
         robot = config.dingtalk.robot
         self.notifier = (
             RobotNotifier(
@@ -130,14 +135,6 @@ class Daemon:
         self.poller = Poller.from_config(config, store=self.store, on_new_punches=self.forwarder.wake)
         self._threads: list[threading.Thread] = []
         self.crashed = False  # a worker thread died of a bug: exit 1 so that systemd restarts us
-
-    def _mapper(self, config: Config) -> UserMapper:
-        return UserMapper(
-            config.users.map,
-            match_job_number=config.users.match_job_number,
-            source=self.client,
-            cache=self.store,
-        )
 
     def _start(self, name: str, worker: _Worker) -> None:
         def target() -> None:
@@ -168,7 +165,7 @@ class Daemon:
         summary = _Summary(time.monotonic(), *self._totals())
         interval = systemd.watchdog_interval()
         under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
-        status_due = housekeeping_due = 0.0
+        status_due = alerts_due = 0.0
         store_failing = False
         while not self.signals.stop.is_set():
             self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
@@ -182,9 +179,9 @@ class Daemon:
                     # Counting states reads an index of every punch: every few seconds, not every tick.
                     systemd.status(self.status_line())
                     status_due = time.monotonic() + STATUS_EVERY_SECONDS
-                if time.monotonic() >= housekeeping_due:
-                    self._housekeeping()
-                    housekeeping_due = time.monotonic() + CHECK_EVERY_SECONDS
+                if self.watch is not None and time.monotonic() >= alerts_due:
+                    self._alert()
+                    alerts_due = time.monotonic() + CHECK_EVERY_SECONDS
                 if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
                     summary = self._log_summary(summary)
             except StoreError as error:
@@ -195,11 +192,6 @@ class Daemon:
             else:
                 store_failing = False
         return self.stop()
-
-    def _housekeeping(self) -> None:
-        """The group robot's alerts (more periodic chores belong here)."""
-        if self.watch is not None:
-            self._alert()
 
     def stop(self) -> int:
         """Let the workers finish the step in flight, close the store; return 0 (1 after a worker crash)."""
@@ -269,8 +261,9 @@ class Daemon:
         return f"{ok}/{len(names)} terminals ok, {pending} pending, {counts[Delivery.PARKED]} parked"
 
     def _totals(self) -> tuple[int, int]:
-        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-        return self.store.delivered_since(epoch), self.store.punches_since(epoch)
+        """(delivered, stored) punches so far: both only grow, so differences make the summary."""
+        counts = self.store.delivery_counts()
+        return counts[Delivery.DELIVERED], sum(counts.values())
 
     def _log_summary(self, summary: _Summary) -> _Summary:
         delivered, stored = self._totals()
