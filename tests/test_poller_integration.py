@@ -380,3 +380,23 @@ def test_a_restart_trusts_the_checkpoint_and_does_not_download_unchanged_logs(
     restarted = make_cycle(store, [device_for("lobby", lobby)])  # a new process, same store
     assert not restarted()["lobby"].downloaded
     assert restarted(3600)["lobby"].downloaded  # the hourly full read still comes
+
+
+def test_a_terminal_still_down_after_a_restart_is_logged_down_once_more(
+    terminals: Terminals, store: Store
+) -> None:
+    bad = terminals(serial="STILLDN1", records=0)
+    cycle = make_cycle(store, [device_for("bad", bad)])
+    cycle()
+    bad.power_off()
+    try:
+        with structlog.testing.capture_logs() as before:
+            cycle()
+        restarted = make_cycle(store, [device_for("bad", bad)])  # a new process: its journal must say it too
+        with structlog.testing.capture_logs() as after:
+            first = restarted()
+            restarted((first["bad"].next_due - restarted.now).total_seconds())
+    finally:
+        bad.power_on()
+    assert len(events(before, "terminal.down")) == 1
+    assert len(events(after, "terminal.down")) == 1

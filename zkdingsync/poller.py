@@ -221,6 +221,7 @@ class _Terminal:
         self.next_due = due
         self.failures = 0
         self.down: bool | None = None  # unknown until the first poll reads the checkpoint
+        self.down_logged = False  # this process has said so (a restart says it again, once)
         self.drifting = False
         self.log_full = False  # warned that the terminal's log is at capacity
         self.suspect = False  # its last poll failed or was slow: it gets at most half the workers
@@ -324,12 +325,9 @@ class Poller:
                 self._workers = workers
                 retired.shutdown(wait=False)  # polls in flight there finish on their own
                 self._retired.append(retired)  # and close() waits for them
-        log.info(
-            "poller.devices_updated",
-            terminals=len(fresh),
-            added=sorted(set(fresh) - set(old)),
-            removed=sorted(set(old) - set(fresh)),
-        )
+        added, removed = sorted(set(fresh) - set(old)), sorted(set(old) - set(fresh))
+        if added or removed:
+            log.info("poller.devices_updated", terminals=len(fresh), added=added, removed=removed)
         self._wake.set()
 
     def _held_back(self) -> int:
@@ -536,7 +534,7 @@ class Poller:
                 device=device.name,
                 down_for=describe_duration((wall - down_since).total_seconds()) if down_since else "unknown",
             )
-        terminal.down = False
+        terminal.down = terminal.down_logged = False
         self._check_full(terminal, state.log_full, state.record_count, state.record_capacity)
         self._check_drift(terminal, drift, wall)
         quarantined = sum(1 for punch in punches if punch.quarantine_reason)
@@ -632,8 +630,8 @@ class Poller:
             self._store.record_poll_failure(device.name, error=reason, at=self._clock())
         except StoreError as error:
             self._log_store_failure(device.name, error)
-        if not terminal.down:
-            terminal.down = True
+        if not terminal.down or not terminal.down_logged:
+            terminal.down = terminal.down_logged = True
             log.warning("terminal.down", device=device.name, reason=reason)
         else:
             log.debug("poll.failed", device=device.name, reason=reason, failures=terminal.failures)
