@@ -449,3 +449,18 @@ def test_an_unknown_outcome_is_read_back_under_the_userid_it_was_sent_as_after_a
             second.step()
     assert [u["userid"] for u in fake.uploads] == ["user01"]  # found by reading back, not sent again
     assert store.delivery_counts()[Delivery.DELIVERED] == 1
+
+
+def test_a_restart_ends_the_waits_an_earlier_run_set(store: Store) -> None:
+    punches = make_punches(2, first_ms=hour_ago_ms())
+    save(store, punches)
+    now = datetime.now(timezone.utc)
+    for claimed in store.claim_due(now, 10):  # an earlier run held them back for 5 minutes
+        store.mark_pending(claimed.id, retry_at=now + timedelta(minutes=5), reason="not sent yet: paused")
+    clock = FakeClock(now)
+    with (
+        FakeDingTalk(set(USERS.values())) as fake,
+        Forwarder(store, client_for(fake, store), UserMapper(USERS), clock=clock, sleep=clock.sleep) as fresh,
+    ):
+        fresh.step()
+    assert uploaded(fake) == expected(punches)

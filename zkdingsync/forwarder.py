@@ -78,6 +78,8 @@ class DeliveryStore(Protocol):
 
     def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None: ...
 
+    def make_pending_due(self, now: datetime) -> int: ...
+
     def record_upload_userids(self, userids: Mapping[int, str]) -> None: ...
 
     def mark_pending(
@@ -441,8 +443,10 @@ class Forwarder:
                 # that no call (and no quota) is spent until it takes writes again.
                 self._store.set_value(STORE_PROBE_KEY, now.isoformat())
             if self._next_settle_at is None:
-                # Health published by an earlier run is forgotten: the first call says it again.
+                # Health published by an earlier run is forgotten: the first call says it again. So are the
+                # waits it set (an admin restarting after fixing credentials wants delivery now).
                 self._store.delete_value(DINGTALK_HEALTH_KEY)
+                self._store.make_pending_due(now)
             if self._next_settle_at is None or now >= self._next_settle_at:
                 self.settle_in_flight()
             wait = self._blocked_for(now)

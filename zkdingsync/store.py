@@ -474,6 +474,17 @@ class Store:
                 [(userid, pid) for pid, userid in userids.items()],
             )
 
+    def make_pending_due(self, now: datetime) -> int:
+        """Make every pending punch due at `now` (a restart or `retry` ends the waits of the last run).
+        Return how many were waiting."""
+        at = _iso(now)
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE punches SET next_attempt_at = ? WHERE delivery = 'pending' AND next_attempt_at > ?",
+                (at, at),
+            )
+            return cursor.rowcount
+
     def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None:
         """DingTalk confirmed the punch (or a read-back found it)."""
         self._update(
