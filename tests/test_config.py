@@ -102,6 +102,8 @@ def test_secret_from_systemd_credentials_directory(tmp_path: Path, config_templa
     credentials.mkdir()
     (credentials / "app_secret").write_text("credential-secret\n", encoding="utf-8")
     (credentials / "robot_access_token").write_text("robot-token-abcd", encoding="utf-8")
+    for credential in credentials.iterdir():
+        credential.chmod(0o400)  # as systemd hands them over
     text = config_template.format(store=tmp_path / "zk.db").replace(
         "  app_secret: test-app-secret-0123\n", ""
     )
@@ -112,6 +114,10 @@ def test_secret_from_systemd_credentials_directory(tmp_path: Path, config_templa
     assert config.dingtalk.robot.access_token == "robot-token-abcd"
     assert config.dingtalk.robot.secret is None
     assert config.dingtalk.robot.min_interval_seconds == 5.0
+    # Pointed at a source directory on disk, a world-readable secret is refused like an *_file one.
+    (credentials / "app_secret").chmod(0o644)
+    problems = _problems(tmp_path / "config.yaml", environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert any("dingtalk.app_secret" in p and "readable by every user (mode 0644)" in p for p in problems)
     # Without the directory the same file is missing its secret, and the message says where to put it.
     problems = _problems(tmp_path / "config.yaml")
     assert any("dingtalk.app_secret: is required but missing" in p and "'app_secret'" in p for p in problems)

@@ -634,7 +634,9 @@ class _Checker:
         if key.credential and directory:
             candidate = Path(directory) / key.credential
             if candidate.exists():
-                return self._read_secret(candidate, line, path, check_mode=False)
+                # systemd hands credentials over as 0400 files; a world-readable one is a source on disk
+                # (`CREDENTIALS_DIRECTORY=/etc/zkdingsync zkdingsync validate`) that needs its mode fixed.
+                return self._read_secret(candidate, line, path, check_mode=True)
         if not key.required:
             return None
         if not suggested:
