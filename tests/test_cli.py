@@ -255,3 +255,18 @@ def test_validate_warns_when_nobody_is_mapped(config_file: Path, capsys: pytest.
     captured = capsys.readouterr()
     assert captured.out.startswith("1 terminal, 0 mapped employees")
     assert "warning: users.map is empty and users.match_job_number is off" in captured.err
+
+
+def test_validate_warns_about_values_left_from_the_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    config = tmp_path / "config.yaml"
+    text = example.read_text(encoding="utf-8").replace("/var/lib/zkdingsync/", f"{tmp_path}/")
+    config.write_text(text, encoding="utf-8")
+    monkeypatch.setenv("ZKDINGSYNC_APP_SECRET", "s3cret-value")
+    assert main(["validate", "-c", str(config)]) == 0  # valid, but probably not meant
+    err = capsys.readouterr().err
+    assert "warning: dingtalk.app_key is still the example's 'dingabc123'" in err
+    assert "warning: terminal lobby still has the example's host 192.168.1.201" in err
+    assert "warning: users.map is still the example's" in err

@@ -19,6 +19,7 @@ import structlog
 
 from zkdingsync import __version__
 from zkdingsync.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, load_config
+from zkdingsync.config.schema import iter_keys
 from zkdingsync.errors import ConfigError, UserError
 from zkdingsync.logs import FORMATS, configure_logging
 from zkdingsync.simulator.command import add_arguments as add_simulate_arguments
@@ -58,6 +59,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def advise(config: Config) -> list[str]:
     """Given a valid Config, return what is allowed but probably not meant (printed by `validate`)."""
     warnings = []
+    examples = {path: key.example for path, key in iter_keys()}
+    if config.dingtalk.app_key == examples["dingtalk.app_key"]:
+        warnings.append(f"dingtalk.app_key is still the example's {config.dingtalk.app_key!r}")
+    sample_host = examples["devices[].host"]
+    for device in config.devices:
+        if device.host == sample_host:
+            warnings.append(f"terminal {device.name} still has the example's host {sample_host}")
+    if dict(config.users.map) == examples["users.map"]:
+        warnings.append("users.map is still the example's")
     if not config.users.map and not config.users.match_job_number:
         warnings.append(
             "users.map is empty and users.match_job_number is off: every punch will be parked until "
