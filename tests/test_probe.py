@@ -106,3 +106,22 @@ def test_describe_drift() -> None:
     assert describe_drift(0.4) == "in step with this host"
     assert describe_drift(90) == "1 min ahead of this host"
     assert describe_drift(-7200) == "2 h behind this host"
+
+
+def test_users_lists_who_is_enrolled_and_who_is_not_yet_in_the_map(terminals: Terminals) -> None:
+    lobby = terminals(serial="PROBE010", users=3, user_table_size=72)
+    gate = terminals(serial="PROBE011", users=2, record_size=16, user_table_size=28)
+    out = io.StringIO()
+    code = probe(
+        Cfg((device_for("lobby", lobby), device_for("gate", gate))),
+        (),
+        out=out,
+        users={"1001": "manager4220", "1003": "clerk7"},
+    )
+    assert code == 0
+    lobby_part, gate_part = out.getvalue().split("gate (")
+    assert "    1001  User1  -> manager4220" in lobby_part
+    assert "    1002  User2  (not in users.map)" in lobby_part
+    assert "    1003  User3  -> clerk7" in lobby_part
+    assert "  3 enrolled, 1 not in users.map" in lobby_part
+    assert "  2 enrolled, 1 not in users.map" in gate_part  # 28-byte user table: numeric enroll numbers

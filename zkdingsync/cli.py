@@ -87,7 +87,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Connect to terminals and report serial, firmware, clock drift, records and capacity."""
     from zkdingsync.probe import probe
 
-    return probe(load_settings(args, require_secrets=False, check_store=False), args.names)
+    config = load_settings(args, require_secrets=False, check_store=False)
+    return probe(config, args.names, users=config.users.map if args.users else None)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -280,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Connect to terminals and report serial number, firmware, clock drift, record count and capacity.",
     )
     probe.add_argument("names", nargs="*", metavar="NAME", help="configured terminal names (default: all)")
+    probe.add_argument(
+        "--users",
+        action="store_true",
+        help="also list each terminal's enrolled users and the DingTalk userid users.map gives them",
+    )
     retry = command(
         "retry",
         cmd_retry,

@@ -2,21 +2,22 @@
 
 Per terminal: serial, firmware, platform, clock and its drift from this host, users and records against
 capacity (a warning above 90 % full: a full log refuses or overwrites punches). Terminals are probed
-concurrently; one failing terminal gets its one-line reason and does not stop the others. Nothing is
-downloaded and nothing is written to the store.
+concurrently; one failing terminal gets its one-line reason and does not stop the others. The attendance
+log is never downloaded and nothing is written to the store. With `--users` the enrolled users are listed
+too, each with the DingTalk userid `users.map` gives it: the quickest way to write that map.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TextIO
 
-from zkdingsync.devices.zk import TerminalState, read_info
+from zkdingsync.devices.zk import TerminalState, read_info, read_users
 from zkdingsync.errors import TerminalError, UserError
-from zkdingsync.model import utc_now
+from zkdingsync.model import TerminalUser, utc_now
 from zkdingsync.poller import ConfigLike, PolledDevice
 from zkdingsync.timeconv import describe_duration
 
@@ -35,6 +36,23 @@ def describe_drift(drift_seconds: float) -> str:
         return "in step with this host"
     side = "ahead of" if drift_seconds > 0 else "behind"
     return f"{describe_duration(drift_seconds)} {side} this host"
+
+
+def format_users(enrolled: Sequence[TerminalUser], user_map: Mapping[str, str]) -> str:
+    """Given a terminal's enrolled users and `users.map`, return one line each (enroll number, name,
+    DingTalk userid or "not in users.map") and a count of the unmapped."""
+    if not enrolled:
+        return "  enrolled:  nobody\n"
+    width = max(len(user.enroll_number) for user in enrolled)
+    lines = ["  enrolled:"]
+    unmapped = 0
+    for user in sorted(enrolled, key=lambda u: (len(u.enroll_number), u.enroll_number)):
+        userid = user_map.get(user.enroll_number)
+        unmapped += userid is None
+        target = f"-> {userid}" if userid else "(not in users.map)"
+        lines.append(f"    {user.enroll_number:>{width}}  {user.name or '-'}  {target}")
+    lines.append(f"  {len(enrolled)} enrolled, {unmapped} not in users.map")
+    return "\n".join(lines) + "\n"
 
 
 def format_report(
@@ -80,9 +98,11 @@ def probe(
     out: TextIO | None = None,
     prober: Prober | None = None,
     now: Callable[[], datetime] = utc_now,
+    users: Mapping[str, str] | None = None,
 ) -> int:
     """Given the config and terminal names (all when empty), probe them concurrently, write one report
     per terminal to `out` (stdout) in config order, and return 0 if every terminal answered, else 1.
+    With `users` (the `users.map`), also list each terminal's enrolled users and their DingTalk userids.
 
     Raise UserError if a name is not a configured terminal.
     """
@@ -103,21 +123,25 @@ def probe(
         return 1
     poll = config.poll
 
-    def probe_one(device: PolledDevice) -> TerminalState | TerminalError:
+    def probe_one(device: PolledDevice) -> tuple[TerminalState | TerminalError, list[TerminalUser] | None]:
         try:
             if prober is not None:
-                return prober(device, poll.timeout_seconds)
-            return read_info(device, poll.timeout_seconds, now=now)
+                state = prober(device, poll.timeout_seconds)
+            else:
+                state = read_info(device, poll.timeout_seconds, now=now)
+            return state, read_users(device, poll.timeout_seconds) if users is not None else None
         except TerminalError as error:
-            return error
+            return error, None
 
     workers = max(1, min(poll.max_concurrency, len(devices)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as executor:
         outcomes = list(executor.map(probe_one, devices))
     failures = 0
-    for device, outcome in zip(devices, outcomes, strict=True):
+    for device, (outcome, enrolled) in zip(devices, outcomes, strict=True):
         text, ok = format_report(device, outcome, poll.drift_threshold_seconds)
         stream.write(text)
+        if enrolled is not None and users is not None:
+            stream.write(format_users(enrolled, users))
         failures += not ok
     if len(devices) > 1:
         stream.write(f"{len(devices) - failures} of {len(devices)} terminals answered\n")

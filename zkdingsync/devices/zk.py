@@ -52,7 +52,7 @@ from zkdingsync.devices.records import (
     with_length_prefix,
 )
 from zkdingsync.errors import RecordFormatError, TerminalError
-from zkdingsync.model import AttendanceRecord, TerminalInfo, utc_now
+from zkdingsync.model import AttendanceRecord, TerminalInfo, TerminalUser, utc_now
 from zkdingsync.timeconv import local_to_datetime
 
 log = structlog.get_logger(__name__)
@@ -560,6 +560,14 @@ class _Session:
             platform=platform,
         )
 
+    def read_users(self) -> list[TerminalUser]:
+        """Read the enrolled users (the user table; no need to disable the terminal for it)."""
+        users, _, _, _ = self.read_sizes()
+        if users == 0:
+            return []
+        buffer = self.read_buffer(_CMD_USERTEMP_RRQ, _FCT_USER, 4 + users * _LARGEST_USER)
+        return parse_user_table(buffer, users)
+
     def disable(self) -> None:
         """Disable the terminal (no punches while we read); `close` re-enables it."""
         self.disabled = True  # set first: a timeout on the reply may still have disabled it
@@ -741,6 +749,19 @@ def read_info(
     records and capacities (one short connection, nothing downloaded). Raise TerminalError."""
     with _session(device, timeout_seconds, deadline_seconds, cancel) as session:
         return session.read_state(now, details=True)
+
+
+def read_users(
+    device: DeviceLike,
+    timeout_seconds: float,
+    *,
+    deadline_seconds: float | None = None,
+    cancel: threading.Event | None = None,
+) -> list[TerminalUser]:
+    """Given a terminal, return its enrolled users (enroll number, name), for setting up `users.map`.
+    Raise TerminalError."""
+    with _session(device, timeout_seconds, deadline_seconds, cancel) as session:
+        return session.read_users()
 
 
 def read_log(
