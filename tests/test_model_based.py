@@ -60,7 +60,7 @@ from zkdingsync.dingtalk.fake import DEFAULT_APP_KEY, DEFAULT_APP_SECRET, LIST_R
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery
-from zkdingsync.poller import Poller
+from zkdingsync.poller import VERIFY_EVERY, Poller
 from zkdingsync.simulator import FakeTerminal, Simulator
 from zkdingsync.store import Store
 
@@ -380,8 +380,10 @@ class Pipeline(RuleBasedStateMachine):
     def _final_drain_and_check(self) -> None:
         """Poll and deliver until nothing moves (bounded), then check that DingTalk got every punch."""
         self._drain()
-        # The drain runs hours of fake time, so the poller's hourly full read has caught any log that was
-        # cleared and refilled to the count its checkpoint holds.
+        # A log cleared and refilled to the count its checkpoint holds looks unchanged until the poller's
+        # hourly full read: let an hour pass so that it comes, then drain what it found.
+        self.clock.advance(VERIFY_EVERY.total_seconds())
+        self._drain()
         missed = self._never_stored()
         assert not missed, f"punches the terminal recorded that never reached the store: {missed}"
         store = self.process.real_store
