@@ -24,6 +24,8 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from zkdingsync.model import Punch
+
 # (userid, user_check_time in epoch ms, device_id): how a punch is recognised in DingTalk.
 UploadKey = tuple[str, int, str]
 
@@ -62,6 +64,47 @@ class FakeClock:
         """Move the clock forward by `seconds` (negative values are ignored): the injected sleep."""
         with self._lock:
             self._now += timedelta(seconds=max(0.0, float(seconds)))
+
+
+class SteppingClock:
+    """A settable UTC clock for the forwarder: call it for the time; its `sleep` advances it (and records
+    the wait) instead of sleeping; `now` is the current fake time."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        """The injected sleep: record the wait and move the clock on by it."""
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += timedelta(seconds=seconds)
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by `seconds`."""
+        with self._lock:
+            self.now += timedelta(seconds=seconds)
+
+
+def sample_punch(
+    n: int, *, device: str = "lobby", quarantine: str | None = None, impossible: bool = False
+) -> Punch:
+    """The n-th of a series of punches one second apart on 2026-11-25 (enroll number 1000 + n)."""
+    return Punch(
+        device=device,
+        serial=f"SN-{device}",
+        enroll_number=str(1000 + n),
+        local_time=f"2026-11-25 08:00:{n:02d}",
+        punch_state=0,
+        verify_mode=1,
+        check_time_ms=None if impossible else 1_764_028_800_000 + n * 1000,
+        quarantine_reason=quarantine,
+    )
 
 
 class SimulatedCrash(BaseException):

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 import structlog
+from harness import SteppingClock
 
 from zkdingsync.dingtalk.client import DingTalkClient, call_month
 from zkdingsync.dingtalk.fake import FakeDingTalk
@@ -30,28 +31,6 @@ from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store
 
 USERS = {f"{1000 + i}": f"user{i:02d}" for i in range(50)}  # enroll number -> userid
-
-
-class FakeClock:
-    """A settable UTC clock whose `sleep` advances it (and records the wait) instead of sleeping."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += timedelta(seconds=seconds)
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -176,7 +155,7 @@ AUTUMN = [
 def test_dst_edge_times_go_through_unchanged(
     store: Store, edge: list[tuple[str, str, int]], now: str
 ) -> None:
-    clock = FakeClock(datetime.fromisoformat(now))
+    clock = SteppingClock(datetime.fromisoformat(now))
     punches = [
         Punch(device, f"SN-{device}", "1001", local, state, 1, ms)
         for state, (device, local, ms) in enumerate(edge)
@@ -211,7 +190,7 @@ def test_unmapped_punches_are_parked_and_logged_once_per_number(store: Store) ->
 
 
 def test_rate_limit_spaces_calls_evenly(store: Store) -> None:
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     save(store, make_punches(5, first_ms=hour_ago_ms()), at=clock.now)
     with FakeDingTalk(set(USERS.values())) as fake:
         forwarder = Forwarder(
@@ -261,7 +240,7 @@ def test_crash_with_punches_in_flight_settles_by_reading_back(store: Store) -> N
     with FakeDingTalk(set(USERS.values())) as fake:
         for punch in punches[:6]:  # ...and DingTalk had accepted six before the crash
             fake.add_upload(USERS[punch.enroll_number], punch.check_time_ms or 0, punch.serial, punch.device)
-        clock = FakeClock(crash_time + timedelta(seconds=5))
+        clock = SteppingClock(crash_time + timedelta(seconds=5))
         forwarder = Forwarder(
             store,
             client_for(fake, store),
@@ -297,7 +276,7 @@ def test_read_back_plan_respects_dingtalk_limits() -> None:
 
 
 def test_monthly_budget_warns_at_80_percent_then_stops(store: Store) -> None:
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     month = call_month(clock.now, ZoneInfo("Asia/Shanghai"))  # the client's default zone
     store.count_calls(month, 8)
     save(store, make_punches(5, first_ms=hour_ago_ms()), at=clock.now)
@@ -323,7 +302,7 @@ def test_monthly_budget_warns_at_80_percent_then_stops(store: Store) -> None:
 
 
 def test_future_punch_waits_for_its_moment_and_old_punch_is_parked(store: Store) -> None:
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     now_ms = int(clock.now.timestamp()) * 1000
     future = make_punches(1, first_ms=now_ms + 120_000, enroll_numbers=["1001"])
     old = make_punches(1, first_ms=now_ms - 181 * 24 * 3600 * 1000, enroll_numbers=["1002"])
@@ -390,7 +369,7 @@ def test_wake_ends_an_idle_wait_at_once_but_stop_still_ends_the_loop(store: Stor
 def test_no_dingtalk_call_is_spent_while_the_store_refuses_writes(store: Store) -> None:
     punches = make_punches(3, first_ms=hour_ago_ms())
     save(store, punches)
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     store.claim_due(clock(), 1)  # left in flight by a crash: its outcome must be read back
     with FakeDingTalk(set(USERS.values())) as fake:
         forwarder = Forwarder(
@@ -425,7 +404,7 @@ def test_an_unknown_outcome_is_read_back_under_the_userid_it_was_sent_as_after_a
 ) -> None:
     [punch] = make_punches(1, first_ms=hour_ago_ms(), enroll_numbers=["1001"])
     save(store, [punch])
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     with FakeDingTalk({"user01", "someone-else"}) as fake:
         fake.hang_next(1, accept=True)  # DingTalk takes the upload, the answer never comes
         first = Forwarder(
@@ -457,7 +436,7 @@ def test_a_restart_ends_the_waits_an_earlier_run_set(store: Store) -> None:
     now = datetime.now(timezone.utc)
     for claimed in store.claim_due(now, 10):  # an earlier run held them back for 5 minutes
         store.mark_pending(claimed.id, retry_at=now + timedelta(minutes=5), reason="not sent yet: paused")
-    clock = FakeClock(now)
+    clock = SteppingClock(now)
     with (
         FakeDingTalk(set(USERS.values())) as fake,
         Forwarder(store, client_for(fake, store), UserMapper(USERS), clock=clock, sleep=clock.sleep) as fresh,

@@ -7,7 +7,6 @@ fake clock, so the schedule is asserted without sleeping (only the client's shor
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from harness import SteppingClock
 
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
@@ -28,33 +28,11 @@ USERS = {"1001": "manager4220", "1002": "clerk7", "1003": "boss"}
 SERIAL = "ZK-SN123"
 
 
-class FakeClock:
-    """A settable UTC clock whose `sleep` advances it instead of sleeping."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += timedelta(seconds=seconds)
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += timedelta(seconds=seconds)
-
-
 class World:
     """A store with punches, a fake DingTalk, a client and a forwarder on a fake clock."""
 
     def __init__(self, tmp_path: Path, punches: int = 3, client_timeout: float = 2.0) -> None:
-        self.clock = FakeClock(datetime.now(timezone.utc))
+        self.clock = SteppingClock(datetime.now(timezone.utc))
         self.store = Store.open(tmp_path / "zkdingsync.db")
         self.fake = FakeDingTalk(set(USERS.values()), hang_seconds=5).start()
         first_ms = (int(time.time()) - 3600) * 1000

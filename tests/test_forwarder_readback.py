@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_simulator import wait_for
+from harness import SteppingClock
 
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
@@ -24,22 +25,6 @@ from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store
 
 SERIAL = "ZK-SN123"
-
-
-class FakeClock:
-    """A settable UTC clock whose `sleep` advances it instead of sleeping."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -59,7 +44,9 @@ def save(store: Store, punches: list[Punch]) -> None:
     )
 
 
-def forwarder_for(store: Store, client: DingTalkClient, mapper: UserMapper, clock: FakeClock) -> Forwarder:
+def forwarder_for(
+    store: Store, client: DingTalkClient, mapper: UserMapper, clock: SteppingClock
+) -> Forwarder:
     return Forwarder(
         store,
         client,
@@ -78,7 +65,7 @@ def test_read_back_finds_the_punch_when_dingtalk_reads_dates_in_another_zone(sto
     # (used for the window) is the terminals' (Vietnam, an hour behind). The window must still cover it.
     ms = (int(time.time()) - 3600) * 1000
     save(store, [Punch("lobby", SERIAL, "1001", "2026-11-25 08:00:00", 0, 1, ms)])
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     with FakeDingTalk({"u1"}, org_timezone="Asia/Shanghai", hang_seconds=5) as fake:
         client = DingTalkClient(
             "fake-app-key", "fake-app-secret", fake.url, 0.3, store=store, org_timezone="Asia/Ho_Chi_Minh"
@@ -95,7 +82,7 @@ def test_read_back_finds_the_punch_when_dingtalk_reads_dates_in_another_zone(sto
 def test_read_back_uses_the_userid_of_the_upload_after_a_map_change(store: Store) -> None:
     ms = (int(time.time()) - 3600) * 1000
     save(store, [Punch("lobby", SERIAL, "1001", "2026-11-25 08:00:00", 0, 1, ms)])
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     mapper = UserMapper({"1001": "old-user"})
     with FakeDingTalk({"old-user", "new-user"}, hang_seconds=5) as fake:
         client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 0.3, store=store)
@@ -121,7 +108,7 @@ def test_one_record_in_dingtalk_settles_only_one_of_two_identical_punches(store:
     save(store, punches)
     crash = datetime.now(timezone.utc)
     assert len(store.claim_due(crash, 10)) == 2  # a crash left both in flight...
-    clock = FakeClock(crash + timedelta(seconds=60))
+    clock = SteppingClock(crash + timedelta(seconds=60))
     with FakeDingTalk({"u1"}) as fake:
         fake.add_upload("u1", ms, SERIAL, "lobby")  # ...and DingTalk holds one of them
         client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 2.0, store=store)
@@ -169,7 +156,7 @@ def test_a_slow_job_number_walk_does_not_hold_delivery_back(store: Store) -> Non
             Punch("lobby", SERIAL, "2002", "2026-11-25 08:00:01", 0, 1, ms + 1000),  # only a job number
         ],
     )
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = SteppingClock(datetime.now(timezone.utc))
     with FakeDingTalk({"u1": None, "u2": "2002"}) as fake:
         client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 2.0, store=store)
         source = GatedSource(client)

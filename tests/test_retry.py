@@ -6,25 +6,14 @@ import io
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from harness import sample_punch
+
 from zkdingsync.config import Config, DeviceConfig, DingTalkConfig, StoreConfig
-from zkdingsync.model import Delivery, Punch
+from zkdingsync.model import Delivery
 from zkdingsync.retry import MAPPING_REFRESH_KEY, retry_command
 from zkdingsync.store import Store
 
 NOW = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
-
-
-def punch(n: int, *, device: str = "lobby", quarantine: str | None = None, impossible: bool = False) -> Punch:
-    return Punch(
-        device=device,
-        serial=f"SN-{device}",
-        enroll_number=str(1000 + n),
-        local_time=f"2026-11-25 08:00:{n:02d}",
-        punch_state=0,
-        verify_mode=1,
-        check_time_ms=None if impossible else 1_764_028_800_000 + n * 1000,
-        quarantine_reason=quarantine,
-    )
 
 
 def make_config(tmp_path: Path) -> Config:
@@ -43,7 +32,7 @@ def fill(path: Path) -> None:
             serial="SN-lobby",
             record_count=4,
             record_size=40,
-            punches=[punch(n) for n in range(4)],
+            punches=[sample_punch(n) for n in range(4)],
             polled_at=NOW - timedelta(hours=1),
         )
         store.save_poll(
@@ -52,9 +41,9 @@ def fill(path: Path) -> None:
             record_count=3,
             record_size=40,
             punches=[
-                punch(10, device="gate"),
-                punch(11, device="gate", quarantine="time 40 days in the future"),
-                punch(12, device="gate", quarantine="impossible date 2026-02-31", impossible=True),
+                sample_punch(10, device="gate"),
+                sample_punch(11, device="gate", quarantine="time 40 days in the future"),
+                sample_punch(12, device="gate", quarantine="impossible date 2026-02-31", impossible=True),
             ],
             polled_at=NOW - timedelta(hours=1),
         )

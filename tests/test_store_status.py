@@ -7,24 +7,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from harness import sample_punch
 
 from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
-
-
-def punch(n: int, *, device: str = "lobby", quarantine: str | None = None, impossible: bool = False) -> Punch:
-    return Punch(
-        device=device,
-        serial=f"SN-{device}",
-        enroll_number=str(1000 + n),
-        local_time=f"2026-11-25 08:00:{n:02d}",
-        punch_state=0,
-        verify_mode=1,
-        check_time_ms=None if impossible else 1_764_028_800_000 + n * 1000,
-        quarantine_reason=quarantine,
-    )
 
 
 @pytest.fixture
@@ -46,8 +34,8 @@ def save(store: Store, device: str, punches: list[Punch], at: datetime) -> None:
 
 def test_oldest_stored_at_follows_the_state(store: Store) -> None:
     assert store.oldest_stored_at() is None
-    save(store, "lobby", [punch(1)], T0)
-    save(store, "lobby", [punch(2)], T0 + timedelta(hours=1))
+    save(store, "lobby", [sample_punch(1)], T0)
+    save(store, "lobby", [sample_punch(2)], T0 + timedelta(hours=1))
     assert store.oldest_stored_at() == T0
     [claimed] = store.claim_due(T0 + timedelta(hours=2), limit=1)
     assert claimed.punch.enroll_number == "1001"
@@ -61,13 +49,13 @@ def test_requeue_quarantined_moves_only_punches_with_a_real_time(store: Store) -
         store,
         "lobby",
         [
-            punch(1, quarantine="time 30 days in the future"),
-            punch(2, quarantine="impossible date 2026-02-31 08:00:02", impossible=True),
-            punch(3),
+            sample_punch(1, quarantine="time 30 days in the future"),
+            sample_punch(2, quarantine="impossible date 2026-02-31 08:00:02", impossible=True),
+            sample_punch(3),
         ],
         T0,
     )
-    save(store, "gate", [punch(4, device="gate", quarantine="time 30 days in the future")], T0)
+    save(store, "gate", [sample_punch(4, device="gate", quarantine="time 30 days in the future")], T0)
     assert store.requeue_quarantined(reason_contains="no such reason", now=T0) == 0
     assert store.requeue_quarantined(device="lobby", now=T0) == 1
     assert store.delivery_counts()[Delivery.QUARANTINED] == 2
