@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import re
 import subprocess
 import sys
@@ -271,3 +273,72 @@ def test_validate_warns_about_values_left_from_the_example(
     assert "warning: dingtalk.app_key is still the example's 'dingabc123'" in err
     assert "warning: terminal lobby still has the example's host 192.168.1.201" in err
     assert "warning: users.map is still the example's" in err
+
+
+def _without_root_read_override() -> None:
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set (run in the child before
+    exec): root then reads only what the file modes allow, like the service user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unreadable_credentials_directory_is_one_problem_line(tmp_path: Path) -> None:
+    """systemd gives an ExecReload= process a /run/credentials/<unit> directory it cannot read (when the
+    unit has a mount namespace): `validate` names the file, exit 78, and never crashes on it. The same for
+    a store path that cannot be looked at."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "app_secret").write_text("credential-secret\n", encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "dingtalk:\n  app_key: k\ndevices: [{name: a, host: 127.0.0.1}]\n"
+        f"store: {{path: {credentials / 'state' / 'zk.db'}}}\n",
+        encoding="utf-8",
+    )
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.chown(credentials, 65534, 65534)  # someone else's, read by a root without its override
+    credentials.chmod(0o700 if as_root else 0o000)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "zkdingsync", "validate", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)},
+            preexec_fn=_without_root_read_override if as_root else None,
+        )
+    finally:
+        credentials.chmod(0o700)
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{config}:1: dingtalk.app_secret: cannot read {credentials / 'app_secret'}: Permission denied",
+        f"{config}:4: store.path: cannot check {credentials / 'state' / 'zk.db'}: Permission denied",
+        "zkdingsync: invalid configuration (2 problems)",
+    ]
+
+
+def test_why_run_stops_shows_at_error_priority_in_the_journal(tmp_path: Path) -> None:
+    """Under systemd stderr is the journal: the problems behind an exit 78 carry priority 3 (error), so
+    that `journalctl -p warning` shows them, not only systemd's "Failed to start"."""
+    config = tmp_path / "config.yaml"
+    config.write_text("dingtalk: {app_key: k, app_secret: s3cret-value}\ndevices: []\n", encoding="utf-8")
+    journal = tmp_path / "journal"
+    with journal.open("w", encoding="utf-8") as stream:
+        status = os.fstat(stream.fileno())
+        done = subprocess.run(
+            [sys.executable, "-m", "zkdingsync", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+            timeout=30,
+            check=False,
+            env={**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+        )
+    assert done.returncode == 78
+    assert journal.read_text(encoding="utf-8").splitlines() == [
+        f"<3>{config}:2: devices: must list at least 1 entry",
+        "<3>zkdingsync: invalid configuration (1 problem)",
+    ]

@@ -226,6 +226,8 @@ def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> Non
         world.delivered_once()
     names = [event["event"] for event in events]
     assert names.count("delivery.paused") == 1
+    # The admin has to act: `journalctl -p warning` must show it.
+    assert all(e["log_level"] == "error" for e in events if e["event"] == "delivery.paused")
     assert names.count("delivery.resumed") == 1
     assert world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now) == "ok"
 

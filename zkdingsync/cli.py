@@ -21,7 +21,7 @@ from zkdingsync import __version__
 from zkdingsync.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, load_config
 from zkdingsync.config.schema import iter_keys
 from zkdingsync.errors import ConfigError, UserError
-from zkdingsync.logs import FORMATS, configure_logging
+from zkdingsync.logs import FORMATS, configure_logging, journal_prefix
 from zkdingsync.simulator.command import add_arguments as add_simulate_arguments
 
 log = structlog.get_logger(__name__)
@@ -52,7 +52,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = load_settings(args)
     print(summarize(config))
     for warning in advise(config):
-        print(f"zkdingsync: warning: {warning}", file=sys.stderr)
+        _complain(f"zkdingsync: warning: {warning}", "warning")
     return EXIT_OK
 
 
@@ -155,6 +155,12 @@ def summarize(config: Config) -> str:
         f"{employees} mapped employee{'s' if employees != 1 else ''}, "
         f"store {config.store.path}"
     )
+
+
+def _complain(line: str, level: str = "error") -> None:
+    """Print one line for the user on stderr, at `level` in the journal when stderr is the journal (the
+    reasons `run` stops must show in `journalctl -p warning`)."""
+    print(f"{journal_prefix(level)}{line}", file=sys.stderr)
 
 
 def _cli_level(args: argparse.Namespace) -> str | None:
@@ -312,15 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ConfigError as error:
         for problem in error.problems:
-            print(problem, file=sys.stderr)
+            _complain(problem)
         count = len(error.problems)
-        print(
-            f"zkdingsync: invalid configuration ({count} problem{'s' if count != 1 else ''})", file=sys.stderr
-        )
+        _complain(f"zkdingsync: invalid configuration ({count} problem{'s' if count != 1 else ''})")
         return EXIT_CONFIG
     except UserError as error:
         for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"zkdingsync: {line}", file=sys.stderr)
+            _complain(f"zkdingsync: {line}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("zkdingsync: interrupted", file=sys.stderr)

@@ -168,6 +168,19 @@ def stream_is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
         return False
 
 
+def journal_prefix(level: str, stream: TextIO | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Given a level (debug, info, warning, error) and the stream a plain line is written to (default:
+    stderr), return the sd-daemon priority prefix ("<3>") when that stream is the journal, else "".
+
+    For the lines the command line prints itself (config problems before an exit 78): journald files
+    unprefixed lines at info, and `journalctl -p warning` would not show why the daemon stopped.
+    """
+    out = sys.stderr if stream is None else stream
+    if not stream_is_journal(out, environ):
+        return ""
+    return f"<{_PRIORITIES.get(level, 6)}>"
+
+
 def _is_tty(stream: TextIO) -> bool:
     try:
         return stream.isatty()

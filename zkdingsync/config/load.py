@@ -633,7 +633,13 @@ class _Checker:
         directory = self.environ.get("CREDENTIALS_DIRECTORY")
         if key.credential and directory:
             candidate = Path(directory) / key.credential
-            if candidate.exists():
+            present = _file_present(candidate)
+            if isinstance(present, str):
+                # An unreadable directory is a problem to name, not a missing credential: systemd gives
+                # an ExecReload= process one it cannot read when the unit has a mount namespace.
+                self.problems.add(line, path, f"cannot read {candidate}: {present}")
+                return _INVALID
+            if present:
                 # systemd hands credentials over as 0400 files; a world-readable one is a source on disk
                 # (`CREDENTIALS_DIRECTORY=/etc/zkdingsync zkdingsync validate`) that needs its mode fixed.
                 return self._read_secret(candidate, line, path, check_mode=True)
@@ -734,11 +740,32 @@ class _Checker:
                     endpoints[endpoint] = index
 
 
+def _file_present(path: Path) -> bool | str:
+    """Given a path, return whether something is there, or why that cannot be known (no permission).
+
+    `Path.exists()` raises PermissionError when a directory on the way cannot be searched.
+    """
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        return error.strerror or str(error)
+    return True
+
+
 def store_problem(path: Path) -> str | None:
     """Given the store's database path, return None when it can be opened for writing, else why not.
 
     Nothing is created: a missing directory passes when its nearest existing parent is writable.
     """
+    try:
+        return _store_problem(path)
+    except OSError as error:  # a directory on the way that this user may not search
+        return f"cannot check {path}: {error.strerror or error}"
+
+
+def _store_problem(path: Path) -> str | None:
     if path.exists():
         if path.is_dir():
             return f"{path} is a directory, not a database file"
