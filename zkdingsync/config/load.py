@@ -32,6 +32,7 @@ from zkdingsync.config.objects import Config
 from zkdingsync.config.schema import SCHEMA, Key
 from zkdingsync.errors import ConfigError
 from zkdingsync.logs import register_secret
+from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
@@ -39,6 +40,11 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ENROLL_NUMBER = re.compile(r"[0-9]{1,24}")
 _MAX_NODES = 200_000  # a config has hundreds of nodes; this stops alias bombs ("billion laughs")
 _MAX_NAME_LENGTH = 64
+_MAX_SUGGESTION_INPUT = 100
+# A configuration of 200 terminals and 20,000 employees is about 600 KB; a bigger file is a mistake (a log
+# or a database given as the config), and reading it would take seconds and echo megabytes.
+MAX_CONFIG_BYTES = 1024 * 1024
+_PATH_ECHO_LIMIT = 120
 _INT_TAG = "tag:yaml.org,2002:int"
 
 
@@ -100,6 +106,9 @@ def load_config(
     With `check_store=False` a store path that cannot be written now is not a problem: the state of a
     disk is not the config file's fault, and the daemon must not exit 78 (which stops systemd's restarts)
     over a directory that is read-only or missing only for a while; it fails to open the store instead.
+    A store path naming something that is not a regular file (a device, a directory, a socket) is a
+    problem either way. A file larger than MAX_CONFIG_BYTES is refused unread, and every value echoed in
+    a problem is escaped and cut to a few dozen characters.
     Raise ConfigError listing every problem found, one line each with file, line and key path.
     Nothing is created or changed on disk.
     """
@@ -107,12 +116,7 @@ def load_config(
     filename = str(path)
     source = Path(path)
     problems = _Problems(filename)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError([f"{filename}: not UTF-8 text ({error.reason} at byte {error.start})"]) from None
-    except OSError as error:
-        raise ConfigError([f"{filename}: cannot read the configuration: {error.strerror or error}"]) from None
+    text = _read_text(source, filename)
 
     tree = _compose(text, problems)
     if tree is None:
@@ -128,6 +132,23 @@ def load_config(
     if problems.found or _has_invalid(values):
         raise ConfigError(problems.lines())
     return _build(values, source.absolute())
+
+
+def _read_text(source: Path, filename: str) -> str:
+    """Read the config file as UTF-8 text, at most MAX_CONFIG_BYTES of it; raise ConfigError otherwise."""
+    try:
+        with source.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError([f"{filename}: cannot read the configuration: {error.strerror or error}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{filename}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a zkdingsync configuration file"]
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{filename}: not UTF-8 text ({error.reason} at byte {error.start})"]) from None
 
 
 # --- YAML -> _Node tree, keeping line numbers -------------------------------------------------------
@@ -202,7 +223,11 @@ class _Converter:
             return self.loader.construct_object(node, deep=True)
         except (ValueError, OverflowError) as error:
             # A timestamp like 2024-13-45 passes the YAML resolver but not datetime().
-            self.problems.add(node.start_mark.line + 1, "", f"cannot read the value {node.value!r}: {error}")
+            self.problems.add(
+                node.start_mark.line + 1,
+                "",
+                f"cannot read the value {quoted(node.value)}: {printable(str(error), ECHO_LIMIT)}",
+            )
             self.failed = True
             return None
 
@@ -216,7 +241,9 @@ class _Converter:
                 continue
             key_line = key_node.start_mark.line + 1
             if key in seen:
-                self.problems.add(key_line, "", f"duplicate key {key!r} (first given on line {seen[key]})")
+                self.problems.add(
+                    key_line, "", f"duplicate key {quoted(key)} (first given on line {seen[key]})"
+                )
                 self.failed = True
             else:
                 seen[key] = key_line
@@ -246,12 +273,12 @@ def _describe(value: Any) -> str:
     if isinstance(value, float):
         return f"{value} (a number)"
     if isinstance(value, str):
-        return f"{value!r} (a string)"
+        return f"{quoted(value)} (a string)"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{value!r} ({type(value).__name__})"
+    return f"{quoted(value)} ({type(value).__name__})"
 
 
 def _number_text(value: float) -> str:
@@ -259,8 +286,10 @@ def _number_text(value: float) -> str:
 
 
 def _did_you_mean(word: str, candidates: list[str] | tuple[str, ...]) -> str:
+    if len(word) > _MAX_SUGGESTION_INPUT:
+        return ""  # nobody mistyped a name that long, and difflib's time grows with it
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f"; did you mean {quoted(close[0])}?" if close else ""
 
 
 def check_host(host: str) -> str | None:
@@ -323,7 +352,7 @@ class _Checker:
         for name, entry in entries.items():
             if name in known:
                 continue
-            shown = str(name)
+            shown = printable(str(name), ECHO_LIMIT)
             hint = _did_you_mean(shown, known)
             if hint:
                 suggested.add(hint.split("'")[1])
@@ -410,7 +439,9 @@ class _Checker:
 
         expanded = _ENV_REFERENCE.sub(replace, value)
         for name in missing:
-            self.problems.add(node.line, path, f"environment variable {name} is not set")
+            self.problems.add(
+                node.line, path, f"environment variable {printable(name, ECHO_LIMIT)} is not set"
+            )
         if missing:
             return _INVALID
         node.expanded = True
@@ -448,7 +479,7 @@ class _Checker:
             if value not in key.choices:
                 options = ", ".join(key.choices)
                 hint = _did_you_mean(value, key.choices)
-                self.problems.add(line, path, f"{value!r} is not one of {options}{hint}")
+                self.problems.add(line, path, f"{quoted(value)} is not one of {options}{hint}")
                 return _INVALID
             return value
         if not value.strip():
@@ -459,7 +490,7 @@ class _Checker:
         if kind == "host":
             reason = check_host(value)
             if reason:
-                self.problems.add(line, path, f"{value!r} {reason}")
+                self.problems.add(line, path, f"{quoted(value)} {reason}")
                 return _INVALID
             return value
         if kind == "timezone":
@@ -491,13 +522,13 @@ class _Checker:
 
     def _name(self, value: str, line: int, path: str) -> Any:
         if value != value.strip():
-            self.problems.add(line, path, f"{value!r} must not start or end with spaces")
+            self.problems.add(line, path, f"{quoted(value)} must not start or end with spaces")
             return _INVALID
         if len(value) > _MAX_NAME_LENGTH:
-            self.problems.add(line, path, f"{value!r} is longer than {_MAX_NAME_LENGTH} characters")
+            self.problems.add(line, path, f"{quoted(value)} is longer than {_MAX_NAME_LENGTH} characters")
             return _INVALID
         if not value.isprintable():
-            self.problems.add(line, path, f"{value!r} contains control characters")
+            self.problems.add(line, path, f"{quoted(value)} contains control characters")
             return _INVALID
         return value
 
@@ -509,7 +540,7 @@ class _Checker:
                 self._zones = available_timezones()
             hint = _did_you_mean(value, sorted(self._zones))
             self.problems.add(
-                line, path, f"{value!r} is not a known IANA time zone (like Asia/Shanghai){hint}"
+                line, path, f"{quoted(value)} is not a known IANA time zone (like Asia/Shanghai){hint}"
             )
             return _INVALID
         return value
@@ -519,13 +550,15 @@ class _Checker:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as error:
-            self.problems.add(line, path, f"{value!r} is not a valid URL ({error})")
+            self.problems.add(
+                line, path, f"{quoted(value)} is not a valid URL ({printable(str(error), ECHO_LIMIT)})"
+            )
             return _INVALID
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            self.problems.add(line, path, f"{value!r} must be an http:// or https:// URL with a host")
+            self.problems.add(line, path, f"{quoted(value)} must be an http:// or https:// URL with a host")
             return _INVALID
         if parts.query or parts.fragment:
-            self.problems.add(line, path, f"{value!r} must not carry a query or fragment")
+            self.problems.add(line, path, f"{quoted(value)} must not carry a query or fragment")
             return _INVALID
         return value.rstrip("/")
 
@@ -551,10 +584,12 @@ class _Checker:
             key = entry.key
             # Unquoted numbers are accepted as written (the source text, so 0012 keeps its zeros).
             text = key.text if key.tag == _INT_TAG and key.text is not None else key.value
-            shown = key.text if key.text is not None else str(text)
+            shown = printable(key.text if key.text is not None else str(text), ECHO_LIMIT)
             entry_path = f"{path}.{shown}"
             if not isinstance(text, str) or not _ENROLL_NUMBER.fullmatch(text):
-                self.problems.add(key.line, entry_path, f"{shown!r} is not an enroll number (digits only)")
+                self.problems.add(
+                    key.line, entry_path, f"{quoted(shown)} is not an enroll number (digits only)"
+                )
                 valid = False
                 continue
             if text in first_line:
@@ -585,7 +620,7 @@ class _Checker:
             return _INVALID
         if not value.strip() or value != value.strip():
             self.problems.add(
-                node.line, path, f"{value!r} is not a DingTalk userid (empty or padded with spaces)"
+                node.line, path, f"{quoted(value)} is not a DingTalk userid (empty or padded with spaces)"
             )
             return _INVALID
         return value
@@ -669,25 +704,28 @@ class _Checker:
         return self._read_secret(self.path_value(Path(value)), node.line, path, check_mode=True)
 
     def _read_secret(self, file: Path, line: int, path: str, check_mode: bool) -> Any:
+        shown = _path_text(file)
         try:
             status = file.stat()
         except OSError as error:
-            self.problems.add(line, path, f"cannot read {file}: {error.strerror or error}")
+            self.problems.add(line, path, f"cannot read {shown}: {error.strerror or error}")
             return _INVALID
         if not stat.S_ISREG(status.st_mode):
-            self.problems.add(line, path, f"{file} is not a regular file")
+            self.problems.add(line, path, f"{shown} is not a regular file")
             return _INVALID
         if check_mode and status.st_mode & 0o004:
             mode = stat.S_IMODE(status.st_mode)
-            self.problems.add(line, path, f"{file} is readable by every user (mode {mode:04o}); chmod o-r it")
+            self.problems.add(
+                line, path, f"{shown} is readable by every user (mode {mode:04o}); chmod o-r it"
+            )
             return _INVALID
         try:
             value = file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            self.problems.add(line, path, f"cannot read {file}: {getattr(error, 'strerror', None) or error}")
+            self.problems.add(line, path, f"cannot read {shown}: {getattr(error, 'strerror', None) or error}")
             return _INVALID
         if not value:
-            self.problems.add(line, path, f"{file} is empty")
+            self.problems.add(line, path, f"{shown} is empty")
             return _INVALID
         register_secret(value)
         return value
@@ -700,14 +738,15 @@ class _Checker:
         if isinstance(devices, list):
             self._unique_devices(devices, tree.value["devices"].value.value)
         store = values.get("store")
-        if self.check_store and isinstance(store, dict) and isinstance(store.get("path"), Path):
+        if isinstance(store, dict) and isinstance(store.get("path"), Path):
             store_line = 1
             store_entry = tree.value.get("store")
             if store_entry is not None:
                 store_line = store_entry.key.line
                 if store_entry.value.kind == "mapping" and "path" in store_entry.value.value:
                     store_line = store_entry.value.value["path"].value.line
-            reason = store_problem(store["path"])
+            check = store_problem if self.check_store else store_path_problem
+            reason = check(store["path"])
             if reason:
                 self.problems.add(store_line, "store.path", reason)
 
@@ -724,7 +763,7 @@ class _Checker:
                     self.problems.add(
                         entries["name"].value.line,
                         f"devices[{index}].name",
-                        f"{name!r} is already used by devices[{names[name]}]",
+                        f"{quoted(name)} is already used by devices[{names[name]}]",
                     )
                 else:
                     names[name] = index
@@ -754,6 +793,45 @@ def _file_present(path: Path) -> bool | str:
     return True
 
 
+def store_path_problem(path: Path) -> str | None:
+    """Given the store's database path, return why it can never be a database file, or None.
+
+    Checked even where the disk's state is not (`check_store=False`, the daemon's start): a device, a
+    directory or a socket stays one, so the service stops with a config error (exit 78) instead of being
+    restarted forever. A path that does not exist yet, or cannot be looked at now, passes here.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        # Missing (created at start), below a file, or not visible to this user: store_problem says more.
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{_path_text(path)} is a directory, not a database file"
+    if not stat.S_ISREG(mode):
+        return f"{_path_text(path)} is {_file_kind(mode)}, not a database file"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The closest ancestor of `path` that exists (the root at worst)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    return "not a regular file"
+
+
 def store_problem(path: Path) -> str | None:
     """Given the store's database path, return None when it can be opened for writing, else why not.
 
@@ -762,31 +840,37 @@ def store_problem(path: Path) -> str | None:
     try:
         return _store_problem(path)
     except OSError as error:  # a directory on the way that this user may not search
-        return f"cannot check {path}: {error.strerror or error}"
+        return f"cannot check {_path_text(path)}: {error.strerror or error}"
 
 
 def _store_problem(path: Path) -> str | None:
+    problem = store_path_problem(path)
+    if problem:
+        return problem
+    shown = _path_text(path)
     if path.exists():
-        if path.is_dir():
-            return f"{path} is a directory, not a database file"
         if not os.access(path, os.W_OK):
-            return f"{path} is not writable by this user"
+            return f"{shown} is not writable by this user"
         if not os.access(path.parent, os.W_OK | os.X_OK):
-            return f"{path.parent} is not writable by this user (SQLite writes its journal beside the file)"
+            return (
+                f"{_path_text(path.parent)} is not writable by this user "
+                "(SQLite writes its journal beside the file)"
+            )
         return None
-    parent = path.parent
-    while not parent.exists():
-        if parent == parent.parent:
-            break
-        parent = parent.parent
+    parent = _nearest_existing(path)
     if not parent.is_dir():
-        return f"cannot create {path}: {parent} is not a directory"
+        return f"cannot create {shown}: {_path_text(parent)} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot create {path}: {parent} is not writable by this user"
+        return f"cannot create {shown}: {_path_text(parent)} is not writable by this user"
     return None
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _path_text(path: Path) -> str:
+    """A path echoed in a message: escaped, and cut if absurdly long."""
+    return printable(str(path), _PATH_ECHO_LIMIT)
 
 
 def _join(path: str, name: str) -> str:

@@ -203,7 +203,8 @@ SCHEMA = Key(
                 Key(
                     "path",
                     "path",
-                    "The database file. Its directory must be writable (or creatable) by the service user. "
+                    "The database file (a regular file, created if missing; not a device, directory or "
+                    "socket). Its directory must be writable (or creatable) by the service user. "
                     "A relative path is relative to the config file's directory.",
                     default=objects.DEFAULT_STORE_PATH,
                     in_example=True,
