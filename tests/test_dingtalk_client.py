@@ -19,13 +19,13 @@ from zkdingsync.dingtalk.client import (
     DingTalkClient,
     DingTalkError,
     _connection_never_opened,
-    call_month,
     classify_answer,
     classify_http_status,
     robot_signature,
 )
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
 from zkdingsync.model import OutcomeKind, Upload
+from zkdingsync.quota import call_month
 from zkdingsync.store import Store
 
 APP_KEY = "fake-app-key"
@@ -357,7 +357,7 @@ def test_secrets_and_tokens_never_reach_the_logs(
         DingTalkClient(APP_KEY, "wrong-secret-abcdef", fake.url, 0.5, store=store).check_credentials()
         fake.reject_all_tokens()
         client.upload(an_upload(minutes_ago=62))
-    token = store.get_value(f"dingtalk.token.{APP_KEY}", now=datetime.now(timezone.utc))
+    token = store.cached_token(APP_KEY, now=datetime.now(timezone.utc))
     assert token
     everything = repr(events) + caplog.text
     for secret in (APP_SECRET, "wrong-secret-abcdef", token):

@@ -23,11 +23,14 @@ import requests
 import structlog
 from harness import SteppingClock
 
-from zkdingsync.dingtalk.client import DingTalkClient, call_month
+from zkdingsync.delivery.ratelimit import RateLimiter
+from zkdingsync.delivery.settler import plan_read_back
+from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.forwarder import Forwarder, RateLimiter, plan_read_back
+from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, Punch
+from zkdingsync.quota import call_month
 from zkdingsync.store import Store
 
 USERS = {f"{1000 + i}": f"user{i:02d}" for i in range(50)}  # enroll number -> userid

@@ -20,8 +20,7 @@ from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
-from zkdingsync.model import Delivery, Punch
-from zkdingsync.status import DINGTALK_HEALTH_KEY
+from zkdingsync.model import Delivery, DingTalkHealth, Punch
 from zkdingsync.store import Store
 
 USERS = {"1001": "manager4220", "1002": "clerk7", "1003": "boss"}
@@ -214,8 +213,8 @@ def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> Non
     with structlog.testing.capture_logs() as events:
         world.forwarder.step()
         assert world.forwarder.paused is not None
-        health = world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now)
-        assert health is not None and health.startswith("paused: ")
+        health = world.store.dingtalk_health()
+        assert health is not None and health.text().startswith("paused: ")
         assert world.fake.calls["upload"] == 1  # the rest of the batch was not sent
         assert world.store.delivery_counts()[Delivery.PENDING] == 3
         for _ in range(2):  # two more rechecks, one probe each, still exhausted
@@ -229,7 +228,7 @@ def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> Non
     # The admin has to act: `journalctl -p warning` must show it.
     assert all(e["log_level"] == "error" for e in events if e["event"] == "delivery.paused")
     assert names.count("delivery.resumed") == 1
-    assert world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now) == "ok"
+    assert _health(world) == "ok"
 
 
 def test_persistent_bad_token_is_bounded_then_needs_a_human(world: World) -> None:
@@ -343,8 +342,12 @@ def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
 
 
 def test_a_pause_left_by_an_earlier_run_is_forgotten(world: World) -> None:
-    world.store.set_value(
-        DINGTALK_HEALTH_KEY, "paused: the organisation's monthly DingTalk API quota is exhausted"
-    )
+    left = "paused: the organisation's monthly DingTalk API quota is exhausted"
+    world.store.set_dingtalk_health(DingTalkHealth.parse(left, world.clock.now))
     world.delivered_once()
-    assert world.store.get_value(DINGTALK_HEALTH_KEY, now=world.clock.now) == "ok"
+    assert _health(world) == "ok"
+
+
+def _health(world: World) -> str | None:
+    health = world.store.dingtalk_health()
+    return None if health is None else health.text()

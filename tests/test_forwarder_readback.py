@@ -17,9 +17,10 @@ import pytest
 from fixtures_simulator import wait_for
 from harness import SteppingClock
 
+from zkdingsync.delivery.settler import plan_read_back
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
-from zkdingsync.forwarder import Forwarder, plan_read_back
+from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store

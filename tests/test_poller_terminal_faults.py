@@ -119,7 +119,7 @@ def test_eight_byte_log_reassigned_uid_keeps_old_punches_and_names_new_ones(
 
 
 def test_unreadable_uid_memo_starts_afresh() -> None:
-    from zkdingsync.poller import UidNames
+    from zkdingsync.store import UidNames
 
     for text in (None, "", "{", "[]", '{"periods": {"x": 1}, "last": {}}', '{"periods": {}}'):
         names = UidNames.load(text)
@@ -338,7 +338,7 @@ def test_close_waits_for_polls_on_a_pool_retired_by_a_reload(store: Store) -> No
 
 def test_a_garbled_future_date_does_not_freeze_a_uids_name() -> None:
     from zkdingsync.model import AttendanceRecord
-    from zkdingsync.poller import UidNames
+    from zkdingsync.store import UidNames
 
     names = UidNames({}, {})
     horizon = "2024-05-07 08:00:00"

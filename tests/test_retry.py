@@ -10,7 +10,7 @@ from harness import sample_punch
 
 from zkdingsync.config import Config, DeviceConfig, DingTalkConfig, StoreConfig
 from zkdingsync.model import Delivery
-from zkdingsync.retry import MAPPING_REFRESH_KEY, retry_command
+from zkdingsync.retry import retry_command
 from zkdingsync.store import Store
 
 NOW = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
@@ -78,7 +78,7 @@ def test_requeues_every_parked_punch_and_asks_for_a_mapping_refresh(tmp_path: Pa
         # Due now: the forwarder's next claim takes exactly the four, not the one backing off.
         due = store.claim_due(NOW, limit=10)
         assert sorted(stored.punch.enroll_number for stored in due) == ["1000", "1001", "1002", "1010"]
-        assert store.get_value(MAPPING_REFRESH_KEY, now=NOW) == NOW.isoformat()
+        assert store.mapping_refresh_requested() == NOW
 
 
 def test_filters_by_reason_and_device(tmp_path: Path) -> None:

@@ -13,13 +13,11 @@ import pytest
 
 from zkdingsync.config import Config, DeviceConfig, DingTalkConfig, PollConfig, StoreConfig, load_config
 from zkdingsync.logs import forget_secrets
-from zkdingsync.model import Delivery, Punch, TerminalInfo
+from zkdingsync.model import Delivery, DingTalkHealth, HealthState, Punch, TerminalInfo
+from zkdingsync.quota import call_month
 from zkdingsync.status import (
-    DINGTALK_HEALTH_AT_KEY,
-    DINGTALK_HEALTH_KEY,
     collect_status,
     needs_attention,
-    quota_month,
     render_json,
     render_text,
     start_of_day,
@@ -90,9 +88,8 @@ def healthy_store(config: Config) -> None:
         )
         for stored in store.claim_due(NOW, limit=6):
             store.mark_delivered(stored.id, at=NOW - timedelta(seconds=30), userid=f"u{stored.id}")
-        store.count_calls(quota_month(NOW, SHANGHAI), 7)
-        store.set_value(DINGTALK_HEALTH_KEY, "ok")
-        store.set_value(DINGTALK_HEALTH_AT_KEY, (NOW - timedelta(seconds=30)).isoformat())
+        store.count_calls(call_month(NOW, SHANGHAI), 7)
+        store.set_dingtalk_health(DingTalkHealth(HealthState.OK, at=NOW - timedelta(seconds=30)))
 
 
 def test_all_well_exits_0_with_a_readable_table(tmp_path: Path) -> None:
@@ -197,8 +194,9 @@ def troubled_store(config: Config) -> None:
             punches=[punch(500, quarantine="time 40 days in the future")],
             polled_at=NOW - timedelta(seconds=10),
         )
-        store.count_calls(quota_month(NOW, SHANGHAI), 4_300)
-        store.set_value(DINGTALK_HEALTH_KEY, "paused: errcode 88 permission denied for the attendance API")
+        store.count_calls(call_month(NOW, SHANGHAI), 4_300)
+        paused = "paused: errcode 88 permission denied for the attendance API"
+        store.set_dingtalk_health(DingTalkHealth.parse(paused, NOW))
 
 
 def test_problems_exit_1_and_are_named(tmp_path: Path) -> None:
@@ -265,7 +263,7 @@ def test_secrets_from_a_loaded_config_never_appear(tmp_path: Path) -> None:
     forget_secrets()
     with Store.open(store_path) as store:
         store.record_poll_failure("lobby", error="echo loaded-secret-93b1d0", at=NOW)
-        store.set_value(DINGTALK_HEALTH_KEY, "error: token refused for loaded-secret-93b1d0")
+        store.set_dingtalk_health(DingTalkHealth.parse("error: token refused for loaded-secret-93b1d0", NOW))
     for as_json in (True, False):
         code, out, err = run_status(config, as_json=as_json)
         assert code == 1

@@ -122,6 +122,64 @@ class Outcome:
     code: str | None = None  # DingTalk's errcode / sub_code, when there was one
 
 
+@dataclass(frozen=True)
+class StoredPunch:
+    """A punch as the store returns it: with its row id and delivery state."""
+
+    id: int
+    punch: Punch
+    delivery: Delivery
+    reason: str | None
+    attempts: int
+    outcome_unknown: bool
+    in_flight_since: datetime | None
+    userid: str | None = None  # the DingTalk userid it was (last) uploaded as, or delivered to
+
+
+class PunchResult(str, enum.Enum):
+    """What one delivery attempt made of a claimed punch (counted in the `delivery.batch` line)."""
+
+    DELIVERED = "delivered"  # DingTalk confirmed it
+    PENDING = "pending"  # back in the queue with a retry time
+    PARKED = "parked"  # set aside with its reason
+    UNKNOWN = "unknown"  # left in flight, flagged: the next settle reads DingTalk back
+    DEFERRED = "deferred"  # claimed but not sent (hold, pause, stop): back in the queue untouched
+
+
+class HealthState(str, enum.Enum):
+    """DingTalk's health as the forwarder last saw it (for `status`)."""
+
+    OK = "ok"  # the last call was answered properly
+    PAUSED = "paused"  # delivery is stopped for a human (credentials, permission, quota)
+    ERROR = "error"  # calls fail transiently (outage, throttling)
+
+
+@dataclass(frozen=True)
+class DingTalkHealth:
+    """DingTalk's health with its reason (plain words, never a token or secret) and when it was seen.
+
+    Kept in the store as text ("ok", "paused: <reason>", "error: <reason>"), which `text`/`parse` convert.
+    """
+
+    state: HealthState
+    reason: str = ""
+    at: datetime | None = None
+
+    def text(self) -> str:
+        """Return the health as stored and shown: "ok", or "<state>: <reason>"."""
+        return self.state.value if self.state is HealthState.OK else f"{self.state.value}: {self.reason}"
+
+    @classmethod
+    def parse(cls, text: str, at: datetime | None = None) -> DingTalkHealth:
+        """Given the stored text (and when it was written), return the health; unknown text reads as an
+        error with the text as its reason, so nothing a store holds is hidden."""
+        state, _, reason = text.partition(":")
+        try:
+            return cls(HealthState(state.strip()), reason.strip(), at)
+        except ValueError:
+            return cls(HealthState.ERROR, text.strip(), at)
+
+
 def utc_now() -> datetime:
     """Return the host's current time, timezone-aware in UTC (the default clock everywhere)."""
     return datetime.now(timezone.utc)

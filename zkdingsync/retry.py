@@ -3,11 +3,9 @@
 It only changes the store, without the instance lock, so it works whether or not the daemon runs: a
 running daemon picks the punches up on its next delivery round, a stopped one when it starts.
 
-Key-value it writes for the forwarder (`store.set_value`):
-
-- `mapping.refresh_requested` (`MAPPING_REFRESH_KEY`): the time of the request, ISO-8601. A human usually
-  runs `retry` after fixing an employee in DingTalk, so the forwarder should reload its job-number cache
-  (`users.match_job_number`) before delivering, then `delete_value` the key.
+It also asks the daemon for a job-number refresh (`Store.request_mapping_refresh`): a human usually runs
+`retry` after fixing an employee in DingTalk, so the forwarder reloads its job-number cache
+(`users.match_job_number`) before delivering again.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ from zkdingsync.store import Store
 
 if TYPE_CHECKING:
     from zkdingsync.config import Config
-
-MAPPING_REFRESH_KEY = "mapping.refresh_requested"
 
 
 def retry_command(
@@ -58,7 +54,7 @@ def retry_command(
     try:
         with Store.open(path) as store:
             # The request first: the daemon refreshes the job numbers before it takes the punches again.
-            store.set_value(MAPPING_REFRESH_KEY, now.isoformat())
+            store.request_mapping_refresh(now)
             parked = store.requeue_parked(reason_contains=reason, device=device, now=now)
             quarantined = (
                 store.requeue_quarantined(reason_contains=reason, device=device, now=now)

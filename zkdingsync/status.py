@@ -5,16 +5,12 @@ while the daemon writes) and never creates a store. It exits 0 when nothing need
 otherwise, so a monitoring script can run `zkdingsync status --json` and alert on the exit code, then read
 `needs_attention` for the reasons.
 
-Key-values the forwarder writes for this module (`store.set_value`):
+DingTalk's health is what the forwarder last published in the store (`Store.dingtalk_health`, see
+`model.DingTalkHealth`): "ok", "paused: <reason>" while delivery is stopped for a human (credentials,
+permission, quota), "error: <reason>" while calls fail transiently, and when it was written.
 
-- `dingtalk.health` (`DINGTALK_HEALTH_KEY`): "ok" after a successful call; "paused: <reason>" while delivery
-  is stopped for a human (credentials, permission, quota); "error: <reason>" while calls fail transiently.
-  Reasons are plain words, never a token or secret.
-- `dingtalk.health_at` (`DINGTALK_HEALTH_AT_KEY`): when the health was last written, ISO-8601 with offset.
-
-DingTalk calls are counted per month with `store.count_calls(quota_month(now, zone))`: the month is taken
-in the configured top-level timezone, and the forwarder must use the same function so that the count
-`status` reads is the one it writes.
+DingTalk calls are counted per month (`quota.call_month`, in the configured top-level timezone): the
+client, the forwarder and `status` use the same function, so the count `status` reads is the one written.
 """
 
 from __future__ import annotations
@@ -30,21 +26,18 @@ from zoneinfo import ZoneInfo
 
 from zkdingsync.errors import StoreError
 from zkdingsync.logs import redact_text
-from zkdingsync.model import Delivery
+from zkdingsync.model import Delivery, HealthState
+from zkdingsync.quota import QUOTA_WARNING_SHARE, call_month
 from zkdingsync.store import Checkpoint, Store
 
 if TYPE_CHECKING:
     from zkdingsync.config import Config
 
-DINGTALK_HEALTH_KEY = "dingtalk.health"
-DINGTALK_HEALTH_AT_KEY = "dingtalk.health_at"
-HEALTH_OK = "ok"
-HEALTH_PAUSED_PREFIX = "paused:"
-HEALTH_ERROR_PREFIX = "error:"
+HEALTH_PAUSED_PREFIX = f"{HealthState.PAUSED.value}:"
+HEALTH_ERROR_PREFIX = f"{HealthState.ERROR.value}:"
 
 # Thresholds of `needs_attention`.
 DEFAULT_PENDING_AGE = timedelta(hours=1)
-QUOTA_WARNING_FRACTION = 0.8
 FULL_WARNING_FRACTION = 0.9
 TOP_REASONS = 5
 
@@ -133,11 +126,6 @@ class StatusReport:
     stale_after: timedelta | None  # a terminal not polled for longer means the daemon may be stopped
 
 
-def quota_month(at: datetime, zone: tzinfo) -> str:
-    """Given a moment and the configured timezone, return the call-budget month key ("2026-11")."""
-    return at.astimezone(zone).strftime("%Y-%m")
-
-
 def start_of_day(at: datetime, zone: tzinfo) -> datetime:
     """Given a moment and a timezone, return local midnight of that day as an aware UTC datetime."""
     local = at.astimezone(zone)
@@ -209,11 +197,11 @@ def _collect(
         oldest_pending_stored_at=store.oldest_stored_at(Delivery.PENDING),
         outcome_unknown=store.outcome_unknown_count(),
     )
-    health = store.get_value(DINGTALK_HEALTH_KEY, now=now)
-    month = quota_month(now, local_tz)
+    health = store.dingtalk_health()
+    month = call_month(now, local_tz)
     dingtalk = DingTalkStatus(
-        health=None if health is None else _scrub(health, secrets),
-        health_at=_parse_time(store.get_value(DINGTALK_HEALTH_AT_KEY, now=now)),
+        health=None if health is None else _scrub(health.text(), secrets),
+        health_at=None if health is None else health.at,
         month=month,
         calls_this_month=store.calls_in_month(month),
         monthly_call_quota=month_quota,
@@ -349,7 +337,7 @@ def needs_attention(report: StatusReport) -> list[str]:
         lines.append(f"DingTalk calls are failing: {health[len(HEALTH_ERROR_PREFIX) :].strip()}")
     quota = report.dingtalk.monthly_call_quota
     calls = report.dingtalk.calls_this_month
-    if quota > 0 and calls >= QUOTA_WARNING_FRACTION * quota:
+    if quota > 0 and calls >= QUOTA_WARNING_SHARE * quota:
         lines.append(f"DingTalk calls this month: {calls} of {quota} ({calls / quota:.0%})")
     return lines
 

@@ -4,7 +4,7 @@ frozen objects the rest of the program reads (`objects.py`).
     config = load_config(Path("/etc/zkdingsync/config.yaml"))   # raises ConfigError with every problem
 """
 
-from zkdingsync.config.load import check_host, load_config, store_problem
+from zkdingsync.config.load import load_config, store_problem
 from zkdingsync.config.objects import (
     Config,
     DeviceConfig,
@@ -15,6 +15,7 @@ from zkdingsync.config.objects import (
     StoreConfig,
     UsersConfig,
 )
+from zkdingsync.hosts import check_host
 
 DEFAULT_CONFIG_PATH = "/etc/zkdingsync/config.yaml"
 CONFIG_ENV_VAR = "ZKDINGSYNC_CONFIG"

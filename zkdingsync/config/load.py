@@ -13,7 +13,6 @@ not readable by every user) or, when neither is given, from systemd's `$CREDENTI
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
@@ -31,12 +30,12 @@ import yaml
 from zkdingsync.config.objects import Config
 from zkdingsync.config.schema import SCHEMA, Key
 from zkdingsync.errors import ConfigError
+from zkdingsync.hosts import check_host
 from zkdingsync.logs import register_secret
 from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ENROLL_NUMBER = re.compile(r"[0-9]{1,24}")
 _MAX_NODES = 200_000  # a config has hundreds of nodes; this stops alias bombs ("billion laughs")
 _MAX_NAME_LENGTH = 64
@@ -290,30 +289,6 @@ def _did_you_mean(word: str, candidates: list[str] | tuple[str, ...]) -> str:
         return ""  # nobody mistyped a name that long, and difflib's time grows with it
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean {quoted(close[0])}?" if close else ""
-
-
-def check_host(host: str) -> str | None:
-    """Given a host string, return None when it is an IP address or an RFC 1123 host name, else why not.
-
-    Nothing else passes (no spaces, shell characters, URLs or ports): the value reaches network code.
-    """
-    if not host:
-        return "must not be empty"
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253:
-        return "is too long for a host name (more than 253 characters)"
-    labels = name.split(".")
-    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
-        return "is neither an IP address nor a valid host name (letters, digits, '-' and '.' only)"
-    if labels[-1].isdigit():
-        # A name ending in a number is a mistyped IPv4 address (192.168.1.300), never a real host name.
-        return "is not a valid IP address"
-    return None
 
 
 class _Checker:

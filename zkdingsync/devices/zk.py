@@ -42,7 +42,6 @@ import structlog
 from zk import ZK
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
-from zkdingsync.config.load import check_host
 from zkdingsync.devices.records import (
     RECORD_SIZES,
     format_local_time,
@@ -52,6 +51,7 @@ from zkdingsync.devices.records import (
     with_length_prefix,
 )
 from zkdingsync.errors import RecordFormatError, TerminalError
+from zkdingsync.hosts import check_host
 from zkdingsync.model import AttendanceRecord, TerminalInfo, TerminalUser, utc_now
 from zkdingsync.timeconv import local_to_datetime
 

@@ -17,10 +17,9 @@ The calls go through dingtalk-sdk's `AppKeyClient` (URL joining, JSON body, the 
 machinery), with its traps disarmed in `_SdkClient` below.
 
 Monthly quota: every upload and read-back call that may have reached DingTalk is counted in the store under
-its UTC month ("2026-11"; token and contacts calls are free, QPS-rejected calls are not counted by DingTalk
-either). DingTalk's month is China's (UTC+8): the last 8 hours of a UTC month already belong to its next
-month, so a new month's count here starts low by at most those 8 hours of calls. Counts reach the store in
-small groups (`flush_call_counts`; the forwarder flushes before every budget check).
+its month in the organisation's timezone (`quota.call_month`: "2026-11"; token and contacts calls are free,
+QPS-rejected calls are not counted by DingTalk either), the month `status` and the forwarder read. Counts
+reach the store in small groups (`flush_call_counts`; the forwarder flushes before every budget check).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -47,6 +46,7 @@ from requests.adapters import HTTPAdapter
 
 from zkdingsync.errors import StoreError, ZkdingsyncError
 from zkdingsync.model import Outcome, OutcomeKind, Upload, utc_now
+from zkdingsync.quota import call_month
 
 log = structlog.get_logger(__name__)
 
@@ -108,13 +108,13 @@ _MAX_MESSAGE = 200
 
 
 class ClientStore(Protocol):
-    """What the client needs from the store: a key-value cache for the token and the call counter."""
+    """What the client needs from the store: the token cache and the call counter."""
 
-    def get_value(self, key: str, *, now: datetime) -> str | None: ...
+    def cached_token(self, app_key: str, *, now: datetime) -> str | None: ...
 
-    def set_value(self, key: str, value: str, *, expires_at: datetime | None = None) -> None: ...
+    def cache_token(self, app_key: str, token: str, *, refresh_at: datetime) -> None: ...
 
-    def delete_value(self, key: str) -> None: ...
+    def forget_token(self, app_key: str) -> None: ...
 
     def count_calls(self, month: str, n: int = 1) -> int: ...
 
@@ -142,12 +142,6 @@ class DingTalkError(ZkdingsyncError):
         self.what = what
         self.outcome = outcome
         super().__init__(f"DingTalk {what}: {outcome.reason}")
-
-
-def call_month(at: datetime, zone: tzinfo = timezone.utc) -> str:
-    """Given a moment and the organisation's timezone, return the month its DingTalk calls are counted
-    under ("2026-11"). `status` reads the count with the same month (`status.quota_month`)."""
-    return at.astimezone(zone).strftime("%Y-%m")
 
 
 def _short(text: object) -> str:
@@ -395,7 +389,6 @@ class DingTalkClient:
         self._org_zone = ZoneInfo(org_timezone)
         self._clock = clock
         self._sdk = _SdkClient(app_key, app_secret, self.api_base, self.timeout_seconds, pool_size)
-        self._token_key = f"dingtalk.token.{app_key}"
         self._token_lock = threading.Lock()
         self._token: _Token | None = None
         self._count_lock = threading.Lock()
@@ -686,7 +679,7 @@ class DingTalkClient:
 
     def _stored_token(self, now: datetime) -> str | None:
         try:
-            value = self._store.get_value(self._token_key, now=now)
+            value = self._store.cached_token(self.app_key, now=now)
         except StoreError as error:
             log.warning("dingtalk.token_cache_unreadable", error=str(error))
             return None
@@ -699,7 +692,7 @@ class DingTalkClient:
     def _forget_stored_token(self) -> None:
         self._token = None
         try:
-            self._store.delete_value(self._token_key)
+            self._store.forget_token(self.app_key)
         except StoreError as error:
             log.warning("dingtalk.token_cache_unwritable", error=str(error))
 
@@ -736,7 +729,7 @@ class DingTalkClient:
         refresh_at = now + timedelta(seconds=lifetime - margin)
         self._token = _Token(token, refresh_at)
         try:
-            self._store.set_value(self._token_key, token, expires_at=refresh_at)
+            self._store.cache_token(self.app_key, token, refresh_at=refresh_at)
         except StoreError as error:
             log.warning("dingtalk.token_cache_unwritable", error=str(error))
         log.info("dingtalk.token_fetched", expires_in=lifetime)

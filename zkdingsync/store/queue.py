@@ -1,0 +1,179 @@
+"""The delivery queue: each punch's delivery state, in the row that holds the punch.
+
+A claim commits the switch to in flight before any upload goes out, so a crash during the upload leaves
+the punch in flight: its outcome is then unknown and settled by reading DingTalk back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from zkdingsync.model import Delivery, Punch, StoredPunch
+from zkdingsync.store.connection import Connection, iso, parse_time
+
+PUNCH_COLUMNS = (
+    "id, serial, enroll_number, local_time, punch_state, verify_mode, device, check_time_ms, workcode, "
+    "delivery, reason, attempts, outcome_unknown, in_flight_since, userid"
+)
+
+
+def stored_punch(row: sqlite3.Row) -> StoredPunch:
+    """Given a row selected with PUNCH_COLUMNS, return the stored punch."""
+    punch = Punch(
+        device=row["device"],
+        serial=row["serial"],
+        enroll_number=row["enroll_number"],
+        local_time=row["local_time"],
+        punch_state=row["punch_state"],
+        verify_mode=row["verify_mode"],
+        check_time_ms=row["check_time_ms"],
+        workcode=row["workcode"],
+        quarantine_reason=row["reason"] if row["delivery"] == Delivery.QUARANTINED.value else None,
+    )
+    return StoredPunch(
+        id=row["id"],
+        punch=punch,
+        delivery=Delivery(row["delivery"]),
+        reason=row["reason"],
+        attempts=row["attempts"],
+        outcome_unknown=bool(row["outcome_unknown"]),
+        in_flight_since=parse_time(row["in_flight_since"]),
+        userid=row["userid"],
+    )
+
+
+class PunchQueue(Connection):
+    """Claims due punches and records what became of each (the forwarder's side; `retry` requeues)."""
+
+    def claim_due(self, now: datetime, limit: int) -> list[StoredPunch]:
+        """Switch up to `limit` due pending punches (oldest first) to in flight and return them.
+
+        The switch is committed before this returns, so a crash during the upload leaves them in flight:
+        their outcome is then unknown and must be settled by reading DingTalk back.
+        """
+        at = iso(now)
+        with self._transaction() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM punches WHERE delivery = 'pending' AND next_attempt_at <= ? "
+                    "ORDER BY next_attempt_at, id LIMIT ?",
+                    (at, limit),
+                )
+            ]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            conn.execute(
+                f"UPDATE punches SET delivery = 'in_flight', attempts = attempts + 1, "  # noqa: S608 - placeholders only
+                f"in_flight_since = ? WHERE id IN ({marks})",
+                (at, *ids),
+            )
+            rows = conn.execute(
+                f"SELECT {PUNCH_COLUMNS} FROM punches WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                ids,
+            ).fetchall()
+        return [stored_punch(row) for row in rows]
+
+    def record_upload_userids(self, userids: Mapping[int, str]) -> None:
+        """Remember, before the uploads go out, which DingTalk userid each punch is sent as: should its
+        outcome become unknown, DingTalk is read back under that userid, even if `users.map` changed."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE punches SET userid = ? WHERE id = ?",
+                [(userid, pid) for pid, userid in userids.items()],
+            )
+
+    def make_pending_due(self, now: datetime) -> int:
+        """Make every pending punch due at `now` (a restart or `retry` ends the waits of the last run).
+        Return how many were waiting."""
+        at = iso(now)
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE punches SET next_attempt_at = ? WHERE delivery = 'pending' AND next_attempt_at > ?",
+                (at, at),
+            )
+            return cursor.rowcount
+
+    def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None:
+        """DingTalk confirmed the punch (or a read-back found it)."""
+        self._update(
+            "UPDATE punches SET delivery = 'delivered', delivered_at = ?, userid = ?, reason = NULL, "
+            "in_flight_since = NULL WHERE id = ?",
+            (iso(at), userid, punch_id),
+        )
+
+    def mark_pending(
+        self, punch_id: int, *, retry_at: datetime, reason: str, outcome_unknown: bool = False
+    ) -> None:
+        """Put a punch back in the queue, due at `retry_at`.
+
+        `outcome_unknown=True` records that an earlier upload's outcome was never known, which explains a
+        duplicate in DingTalk should one appear.
+        """
+        self._update(
+            "UPDATE punches SET delivery = 'pending', next_attempt_at = ?, reason = ?, "
+            "in_flight_since = NULL, outcome_unknown = MAX(outcome_unknown, ?) WHERE id = ?",
+            (iso(retry_at), reason, int(outcome_unknown), punch_id),
+        )
+
+    def mark_unknown(self, punch_id: int, *, reason: str) -> None:
+        """An upload's outcome is unknown: keep the punch in flight, flagged, until a read-back settles it."""
+        self._update(
+            "UPDATE punches SET delivery = 'in_flight', outcome_unknown = 1, reason = ? WHERE id = ?",
+            (reason, punch_id),
+        )
+
+    def park(self, punch_id: int, *, reason: str) -> None:
+        """Set a punch aside with its reason until a human fixes the cause and runs `retry`."""
+        self._update(
+            "UPDATE punches SET delivery = 'parked', reason = ?, in_flight_since = NULL WHERE id = ?",
+            (reason, punch_id),
+        )
+
+    def in_flight(self) -> list[StoredPunch]:
+        """Return every punch left in flight (after a crash, or an upload whose outcome is unknown)."""
+        rows = self._query(
+            f"SELECT {PUNCH_COLUMNS} FROM punches WHERE delivery = 'in_flight' ORDER BY id"  # noqa: S608
+        )
+        return [stored_punch(row) for row in rows]
+
+    def requeue_parked(
+        self, *, reason_contains: str | None = None, device: str | None = None, now: datetime | None = None
+    ) -> int:
+        """Put parked punches (optionally only those whose reason contains a text, or of one terminal) back
+        in the queue, due now. Return how many."""
+        return self._requeue(["delivery = 'parked'"], reason_contains, device, now)
+
+    def requeue_quarantined(
+        self, *, reason_contains: str | None = None, device: str | None = None, now: datetime | None = None
+    ) -> int:
+        """Put quarantined punches (optionally filtered like `requeue_parked`) back in the queue, due now.
+
+        Only punches with a real moment (`check_time_ms` set) move: an impossible local time can never be
+        uploaded, so such a punch stays quarantined whatever a human asks. Return how many moved.
+        """
+        return self._requeue(
+            ["delivery = 'quarantined'", "check_time_ms IS NOT NULL"], reason_contains, device, now
+        )
+
+    def _requeue(
+        self, clauses: list[str], reason_contains: str | None, device: str | None, now: datetime | None
+    ) -> int:
+        params: list[Any] = [iso(now or datetime.now(timezone.utc))]
+        if reason_contains:
+            clauses.append("instr(reason, ?) > 0")
+            params.append(reason_contains)
+        if device:
+            clauses.append("device = ?")
+            params.append(device)
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE punches SET delivery = 'pending', next_attempt_at = ?, reason = NULL "  # noqa: S608
+                f"WHERE {' AND '.join(clauses)}",
+                params,
+            )
+            return cursor.rowcount

@@ -1,0 +1,70 @@
+"""The store's schema: its migrations, applied in order by `Store.open` (sqlite-utils records which ran)."""
+
+from __future__ import annotations
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("zkdingsync")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    """Punches with their delivery state, terminal checkpoints, key-values, call counts, job numbers."""
+    db.execute(
+        """
+        CREATE TABLE punches (
+            id INTEGER PRIMARY KEY,
+            serial TEXT NOT NULL,
+            enroll_number TEXT NOT NULL,
+            local_time TEXT NOT NULL,
+            punch_state INTEGER NOT NULL,
+            verify_mode INTEGER NOT NULL,
+            device TEXT NOT NULL,
+            check_time_ms INTEGER,
+            workcode INTEGER NOT NULL DEFAULT 0,
+            stored_at TEXT NOT NULL,
+            delivery TEXT NOT NULL,
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT,
+            in_flight_since TEXT,
+            outcome_unknown INTEGER NOT NULL DEFAULT 0,
+            delivered_at TEXT,
+            userid TEXT,
+            UNIQUE (serial, enroll_number, local_time, punch_state, verify_mode)
+        )
+        """
+    )
+    db.execute("CREATE INDEX punches_queue ON punches (delivery, next_attempt_at, id)")
+    db.execute("CREATE INDEX punches_delivered_at ON punches (delivered_at) WHERE delivered_at IS NOT NULL")
+    db.execute("CREATE INDEX punches_device_stored ON punches (device, stored_at)")
+    db.execute(
+        """
+        CREATE TABLE checkpoints (
+            device TEXT PRIMARY KEY,
+            serial TEXT,
+            record_count INTEGER NOT NULL DEFAULT 0,
+            record_size INTEGER,
+            last_poll TEXT,
+            last_success TEXT,
+            last_error TEXT,
+            down_since TEXT,
+            drift_seconds REAL,
+            firmware TEXT,
+            platform TEXT,
+            users INTEGER,
+            user_capacity INTEGER,
+            record_capacity INTEGER
+        )
+        """
+    )
+    db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at TEXT)")
+    db.execute("CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL)")
+    db.execute("CREATE TABLE job_numbers (job_number TEXT PRIMARY KEY, userid TEXT NOT NULL)")
+
+
+@migrations()
+def m002_outcome_unknown_index(db: sqlite_utils.Database) -> None:
+    """`status` counts possible duplicates on every run: an index instead of a scan of every punch."""
+    db.execute("CREATE INDEX punches_outcome_unknown ON punches (id) WHERE outcome_unknown = 1")
