@@ -15,6 +15,7 @@ import structlog
 from fixtures_simulator import wait_for
 
 from zkdingsync.config.objects import DeviceConfig, PollConfig
+from zkdingsync.devices.records import encode_records
 from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, TerminalState
 from zkdingsync.errors import StoreError, TerminalError
 from zkdingsync.model import AttendanceRecord, Delivery
@@ -90,9 +91,8 @@ class FakeReader:
             return LogRead(state=state, downloaded=False)
         self.downloads[device.name] = self.downloads.get(device.name, 0) + 1
         digest = LogDigest(terminal.serial, 40, len(terminal.records), b"x")
-        return LogRead(
-            state=state, downloaded=True, record_size=40, records=list(terminal.records), digest=digest
-        )
+        body = encode_records(terminal.records, 40)
+        return LogRead(state=state, downloaded=True, record_size=40, body=body, digest=digest, full=True)
 
     def set_time(self, device: DeviceLike, *, timeout_seconds: float, at: datetime) -> None:
         self.clock_sets.append((device.name, at))

@@ -135,7 +135,7 @@ def test_unreadable_uid_memo_starts_afresh() -> None:
 # ------------------------------------------------------------------------------ pyzk internals
 
 
-@pytest.mark.parametrize("attribute", ["_ZK__send_command", "get_serialnumber", "read_with_buffer"])
+@pytest.mark.parametrize("attribute", ["_ZK__send_command", "get_serialnumber", "_ZK__read_chunk"])
 def test_pyzk_internals_missing_is_a_terminal_error(
     terminals: Any, monkeypatch: pytest.MonkeyPatch, attribute: str
 ) -> None:

@@ -17,6 +17,8 @@ import structlog
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
 
 from zkdingsync.config.objects import DeviceConfig
+from zkdingsync.devices import guard as guard_module
+from zkdingsync.devices import session as session_module
 from zkdingsync.devices import zk
 from zkdingsync.devices.records import encode_time
 from zkdingsync.errors import TerminalError
@@ -339,10 +341,10 @@ def test_cancel_abandons_a_session_and_still_re_enables(terminals: Terminals) ->
 # ------------------------------------------------------------------------------ the guarded socket
 
 
-def guarded(**kwargs: object) -> tuple[zk._GuardedSocket, socket.socket]:
+def guarded(**kwargs: object) -> tuple[guard_module.GuardedSocket, socket.socket]:
     ours, theirs = socket.socketpair()
     options: dict[str, object] = {"timeout": 1.0, "deadline": time.monotonic() + 5, "cancel": None, **kwargs}
-    return zk._GuardedSocket(ours, **options), theirs  # type: ignore[arg-type]
+    return guard_module.GuardedSocket(ours, **options), theirs  # type: ignore[arg-type]
 
 
 def test_guard_turns_end_of_file_into_an_error() -> None:
@@ -390,7 +392,7 @@ def test_guard_reply_timeout() -> None:
 
 def test_translate_names_the_place() -> None:
     device = DeviceConfig(name="gate", host="10.0.0.5", port=4370)
-    session = zk._Session(device, 10.0, 120.0, None)
+    session = session_module.Session(device, 10.0, 120.0, None)
     assert session.translate(ConnectionRefusedError()) == "connection refused at 10.0.0.5:4370"
     assert session.translate(TimeoutError()) == "timed out after 10 s waiting for 10.0.0.5:4370"
     session.downloading = True

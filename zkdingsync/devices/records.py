@@ -229,33 +229,44 @@ def parse_attendance_buffer(
     if record_count == 0:
         return 0, []
     size, view = _split_buffer(buffer, record_count, RECORD_SIZES, "attendance log")
+    try:
+        return size, parse_records(view, size, users_by_uid)
+    finally:
+        view.release()
+
+
+def parse_records(
+    body: bytes | memoryview, size: int, users_by_uid: Mapping[int, str] | None = None
+) -> list[AttendanceRecord]:
+    """Given raw records of `size` bytes back to back (no length prefix; a whole number of them), return
+    them parsed, in order. `users_by_uid` as for `parse_attendance_buffer`. Raise RecordFormatError for
+    an unknown size or a partial record."""
+    if size not in RECORD_SIZES or len(body) % size:
+        raise RecordFormatError(f"attendance log: {len(body)} bytes are not whole records of {size} bytes")
     format_time = _time_formatter()
     records: list[AttendanceRecord] = []
     append = records.append
-    try:
-        if size == 8:
-            users = users_by_uid or {}
-            for uid, verify, when, punch in _RECORD_8.iter_unpack(view):
-                enroll = users.get(uid)
-                append(
-                    AttendanceRecord(
-                        enroll if enroll is not None else str(uid), format_time(when), verify, punch, 0, uid
-                    )
+    if size == 8:
+        users = users_by_uid or {}
+        for uid, verify, when, punch in _RECORD_8.iter_unpack(body):
+            enroll = users.get(uid)
+            append(
+                AttendanceRecord(
+                    enroll if enroll is not None else str(uid), format_time(when), verify, punch, 0, uid
                 )
-        elif size == 16:
-            for user_id, when, verify, punch, workcode in _RECORD_16.iter_unpack(view):
-                append(AttendanceRecord(str(user_id), format_time(when), verify, punch, workcode, None))
-        else:
-            # Enroll numbers repeat across the log: decode each distinct raw field once.
-            names: dict[bytes, str] = {}
-            for uid, raw_user, verify, when, punch in _RECORD_STRUCTS[size].iter_unpack(view):
-                enroll = names.get(raw_user)
-                if enroll is None:
-                    enroll = names[raw_user] = _decode_ascii_field(raw_user)
-                append(AttendanceRecord(enroll, format_time(when), verify, punch, 0, uid))
-    finally:
-        view.release()
-    return size, records
+            )
+    elif size == 16:
+        for user_id, when, verify, punch, workcode in _RECORD_16.iter_unpack(body):
+            append(AttendanceRecord(str(user_id), format_time(when), verify, punch, workcode, None))
+    else:
+        # Enroll numbers repeat across the log: decode each distinct raw field once.
+        names: dict[bytes, str] = {}
+        for uid, raw_user, verify, when, punch in _RECORD_STRUCTS[size].iter_unpack(body):
+            enroll = names.get(raw_user)
+            if enroll is None:
+                enroll = names[raw_user] = _decode_ascii_field(raw_user)
+            append(AttendanceRecord(enroll, format_time(when), verify, punch, 0, uid))
+    return records
 
 
 def parse_user_table(buffer: bytes, user_count: int) -> list[TerminalUser]:

@@ -3,7 +3,9 @@
 Terminal i listens on base port + i (TCP and UDP) and one line per terminal is printed on stdout:
 `NAME port=PORT serial=SERIAL ...`. Terminals bind 127.0.0.1 unless `--host` names another address.
 A `--spec` YAML file (a list of terminals, or a mapping with a `terminals` list) describes terminals
-one by one; each entry takes the TerminalSpec fields plus `punch_interval`.
+one by one; each entry takes the TerminalSpec fields plus `punch_interval` (the log's size is
+`capacity`; `overwrite_when_full: true` makes a full log rotate; `offset_reads` mimics firmware that
+cannot read a buffer from an offset).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import yaml
 from zkdingsync.devices.records import RECORD_SIZES, USER_TABLE_SIZES
 from zkdingsync.errors import UserError
 from zkdingsync.simulator.server import Simulator
-from zkdingsync.simulator.terminal import TerminalSpec, history_start
+from zkdingsync.simulator.spec import (
+    FULL_LOG_REFUSE,
+    FULL_LOG_ROTATE,
+    OFFSET_HONOURED,
+    OFFSET_READS,
+    TerminalSpec,
+    history_start,
+)
 
 LOOPBACK = "127.0.0.1"
 _SPEC_FIELDS = {f.name for f in fields(TerminalSpec)}
@@ -66,6 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="user table layout (default 28 for record sizes 8 and 16, else 72)",
     )
     parser.add_argument("--capacity", type=int, default=100_000, help="record capacity (default 100000)")
+    parser.add_argument(
+        "--full-log",
+        choices=(FULL_LOG_REFUSE, FULL_LOG_ROTATE),
+        default=FULL_LOG_REFUSE,
+        help="what a full log does with a new punch: refuse it, or rotate (drop the oldest) (default refuse)",
+    )
+    parser.add_argument(
+        "--offset-reads",
+        choices=OFFSET_READS,
+        default=OFFSET_HONOURED,
+        help="how buffered reads treat a start offset: honour it, ignore it (read from 0), send the whole "
+        "buffer, or answer an error (firmware without tail reads) (default honour)",
+    )
     parser.add_argument("--comm-key", type=int, default=0, help="comm key (default 0: none)")
     parser.add_argument(
         "--timezone", default="Asia/Shanghai", help="the terminals' clock zone (default Asia/Shanghai)"
@@ -162,6 +184,8 @@ def _build_spec(entry: Mapping[str, Any], index: int, args: argparse.Namespace) 
         "records": args.records,
         "comm_key": args.comm_key,
         "capacity": max(args.capacity, args.records),
+        "overwrite_when_full": args.full_log == FULL_LOG_ROTATE,
+        "offset_reads": args.offset_reads,
         "timezone": args.timezone,
         "port": port,
     }

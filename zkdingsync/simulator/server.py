@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from zkdingsync.simulator.terminal import FakeTerminal, TerminalSpec
+from zkdingsync.simulator.spec import TerminalSpec
+from zkdingsync.simulator.terminal import FakeTerminal
 
 log = structlog.get_logger(__name__)
 
