@@ -21,7 +21,6 @@ import structlog
 from zk import ZK
 from zk.exception import ZKErrorResponse
 
-from zkdingsync.hosts import check_host
 from zkdingsync.devices.guard import (
     LIBRARY_ERRORS,
     DeviceLike,
@@ -35,6 +34,7 @@ from zkdingsync.devices.guard import (
 from zkdingsync.devices.records import format_local_time, parse_user_table
 from zkdingsync.devices.results import TerminalState
 from zkdingsync.errors import TerminalError
+from zkdingsync.hosts import check_host
 from zkdingsync.model import TerminalUser
 from zkdingsync.timeconv import local_to_datetime
 
