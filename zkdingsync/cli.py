@@ -103,6 +103,30 @@ def cmd_retry(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write every stored punch of a window of days, with its delivery state, as CSV or XLSX."""
+    from zkdingsync.export.command import export_command
+
+    return export_command(
+        load_settings(args, require_secrets=False, check_store=False),
+        first_day=args.first_day,
+        last_day=args.last_day,
+        devices=args.device or (),
+        enroll_numbers=args.enroll or (),
+        fmt=args.format,
+        output=Path(args.output) if args.output and args.output != "-" else None,
+    )
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Make a consistent, integrity-checked copy of the store."""
+    from zkdingsync.backup import backup_command
+
+    return backup_command(
+        load_settings(args, require_secrets=False, check_store=False), args.dest, keep=args.keep
+    )
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run fake terminals on 127.0.0.1 until interrupted."""
     from zkdingsync.simulator.command import run
@@ -278,6 +302,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--quarantined",
         action="store_true",
         help="also re-queue quarantined punches (suspect times) that have a valid time",
+    )
+    export = command(
+        "export",
+        cmd_export,
+        "write the stored punches of some days as CSV or XLSX",
+        "Write every stored punch from --from to --to (terminal-local days, both included), whatever its "
+        "delivery state, with when it was stored and delivered and DingTalk's request or record id. "
+        "CSV (UTF-8 with BOM) goes to stdout unless -o names a file. Works while the daemon runs.",
+    )
+    export.add_argument(
+        "--from", dest="first_day", required=True, metavar="DATE", help="first day, YYYY-MM-DD"
+    )
+    export.add_argument("--to", dest="last_day", required=True, metavar="DATE", help="last day, YYYY-MM-DD")
+    export.add_argument(
+        "--device", action="append", metavar="NAME", help="only this terminal (repeat for more)"
+    )
+    export.add_argument(
+        "--enroll", action="append", metavar="NUMBER", help="only this enroll number (repeat for more)"
+    )
+    export.add_argument(
+        "--format", choices=("csv", "xlsx"), help="csv or xlsx (default: from -o's suffix, else csv)"
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
+    backup = command(
+        "backup",
+        cmd_backup,
+        "make a consistent copy of the store",
+        "Copy the store through SQLite's backup API (also while the daemon runs), check the copy with "
+        "integrity_check and print its size and punch counts. DEST is a file, or a directory where the "
+        "copy is named by the date.",
+    )
+    backup.add_argument("dest", metavar="DEST", help="the copy's file name, or a directory")
+    backup.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="with a directory: keep only the newest N dated copies there",
     )
     simulate = command(
         "simulate",

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from zkdingsync.errors import StoreError, StoreLockedError
+from zkdingsync.files import create_private, tighten_database, tighten_fd
 from zkdingsync.store.schema import migrations
 
 # How long a writer waits for another process (a `retry` or `status` run) to finish its transaction.
@@ -78,6 +79,9 @@ class Connection:
         lock_fd = _acquire_lock(path) if lock else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only before SQLite opens it: the -wal and -shm files it creates take the same mode.
+            create_private(path)
+            tighten_database(path)
             conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
             # Transactions are ours (BEGIN/COMMIT via atomic()), not the sqlite3 module's implicit ones.
             conn.isolation_level = None
@@ -90,7 +94,7 @@ class Connection:
         except sqlite3.Error as error:
             if lock_fd is not None:
                 os.close(lock_fd)
-            raise _store_error(path, error) from error
+            raise store_error(path, error) from error
         except OSError as error:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -115,7 +119,7 @@ class Connection:
             conn.execute("PRAGMA query_only=ON")
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as error:
-            raise _store_error(path, error) from error
+            raise store_error(path, error) from error
         if "punches" not in tables:
             conn.close()
             raise StoreError(f"store {path}: not a zkdingsync store (it has no punches table)")
@@ -145,7 +149,7 @@ class Connection:
             try:
                 self._conn.execute("BEGIN")
             except sqlite3.Error as error:
-                raise _store_error(self.path, error) from error
+                raise store_error(self.path, error) from error
             try:
                 yield
             finally:
@@ -161,14 +165,14 @@ class Connection:
                 with self._db.atomic():
                     yield self._conn
             except sqlite3.Error as error:
-                raise _store_error(self.path, error) from error
+                raise store_error(self.path, error) from error
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._mutex:
             try:
                 return list(self._conn.execute(sql, params).fetchall())
             except sqlite3.Error as error:
-                raise _store_error(self.path, error) from error
+                raise store_error(self.path, error) from error
 
     def _update(self, sql: str, params: Sequence[Any]) -> None:
         with self._transaction() as conn:
@@ -179,7 +183,7 @@ class Connection:
         return str(self._query("PRAGMA integrity_check")[0][0])
 
 
-def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
+def store_error(path: Path, error: sqlite3.Error) -> StoreError:
     """Given a database path and SQLite's error, return a StoreError saying what the admin can check."""
     name = getattr(error, "sqlite_errorname", "") or ""
     if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
@@ -198,9 +202,14 @@ def _acquire_lock(path: Path) -> int:
     lock_path = path.with_name(path.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise StoreError(f"store {path}: cannot create lock file {lock_path}: {error.strerror}") from error
+    try:
+        tighten_fd(fd)
+    except OSError as error:
+        os.close(fd)
+        raise StoreError(f"store {path}: cannot make {lock_path} owner-only: {error.strerror}") from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -98,12 +98,21 @@ class PunchQueue(Connection):
             )
             return cursor.rowcount
 
-    def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None:
-        """DingTalk confirmed the punch (or a read-back found it)."""
+    def mark_delivered(
+        self,
+        punch_id: int,
+        *,
+        at: datetime,
+        userid: str,
+        request_id: str | None = None,
+        record_id: str | None = None,
+    ) -> None:
+        """DingTalk confirmed the punch at `at`: its answer to the upload carried `request_id`, or a
+        read-back found it as the record `record_id`. Both are kept as HR's evidence."""
         self._update(
             "UPDATE punches SET delivery = 'delivered', delivered_at = ?, userid = ?, reason = NULL, "
-            "in_flight_since = NULL WHERE id = ?",
-            (iso(at), userid, punch_id),
+            "in_flight_since = NULL, request_id = ?, record_id = ? WHERE id = ?",
+            (iso(at), userid, request_id, record_id, punch_id),
         )
 
     def mark_pending(

@@ -68,3 +68,21 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 def m002_outcome_unknown_index(db: sqlite_utils.Database) -> None:
     """`status` counts possible duplicates on every run: an index instead of a scan of every punch."""
     db.execute("CREATE INDEX punches_outcome_unknown ON punches (id) WHERE outcome_unknown = 1")
+
+
+@migrations()
+def m003_dingtalk_evidence(db: sqlite_utils.Database) -> None:
+    """What DingTalk confirmed (its request id, or the record id a read-back found), employee names for
+    the export, an index for reading a window of days, and the terminals' past outages. Existing punches
+    keep NULL."""
+    db.execute("ALTER TABLE punches ADD COLUMN request_id TEXT")
+    db.execute("ALTER TABLE punches ADD COLUMN record_id TEXT")
+    db.execute("CREATE INDEX punches_local_time ON punches (local_time)")
+    db.execute(
+        "CREATE TABLE employee_names (serial TEXT NOT NULL, enroll_number TEXT NOT NULL, name TEXT NOT NULL, "
+        "PRIMARY KEY (serial, enroll_number))"
+    )
+    db.execute("CREATE TABLE dingtalk_names (userid TEXT PRIMARY KEY, name TEXT NOT NULL)")
+    # Ended outages of each terminal, for the daily report (a current one is the checkpoint's down_since).
+    db.execute("CREATE TABLE outages (device TEXT NOT NULL, down_since TEXT NOT NULL, up_at TEXT NOT NULL)")
+    db.execute("CREATE INDEX outages_up_at ON outages (up_at)")

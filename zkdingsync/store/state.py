@@ -21,6 +21,7 @@ _HEALTH_AT_KEY = "dingtalk.health_at"  # when the health was last written, ISO-8
 _MAPPING_REFRESH_KEY = "mapping.refresh_requested"  # set by `retry`: the time of the request, ISO-8601
 _STORE_PROBE_KEY = "delivery.store_probe"  # written to see whether a failing store takes writes again
 JOB_NUMBERS_UPDATED_KEY = "job_numbers.updated_at"
+_DAILY_REPORT_KEY = "report.daily_sent_for"  # the day ("YYYY-MM-DD") the last daily report was about
 
 
 class SmallState(Connection):
@@ -56,6 +57,15 @@ class SmallState(Connection):
             return str(row[0])
 
     # ------------------------------------------------------------------ typed values
+
+    def daily_report_sent_for(self) -> str | None:
+        """Return the day ("YYYY-MM-DD") the last daily report was about, or None."""
+        rows = self._query("SELECT value FROM kv WHERE key = ?", (_DAILY_REPORT_KEY,))
+        return str(rows[0][0]) if rows else None
+
+    def record_daily_report(self, day: str) -> None:
+        """Remember that the daily report about `day` was handed to the robot (a restart sends it once)."""
+        self._update(UPSERT_KV, (_DAILY_REPORT_KEY, day, None))
 
     def cached_token(self, app_key: str, *, now: datetime) -> str | None:
         """Return the DingTalk access token cached for `app_key`, or None when missing or due for renewal."""

@@ -112,6 +112,12 @@ class Terminals(Connection):
                 rows,
             )
             new = conn.total_changes - before
+            # A poll that succeeds ends an outage: keep it for the daily report.
+            conn.execute(
+                "INSERT INTO outages (device, down_since, up_at) SELECT device, down_since, ? "
+                "FROM checkpoints WHERE device = ? AND down_since IS NOT NULL",
+                (now, device),
+            )
             _save_checkpoint(conn, device, serial, record_count, record_size, now, info, drift_seconds)
         return new
 
