@@ -5,7 +5,8 @@ live WAL database, which can be torn), in one read transaction: it holds the sto
 began, while the daemon goes on storing and delivering. The copy is written owner-only under a temporary
 name, checked with `PRAGMA integrity_check`, then renamed into place; on any failure nothing is left.
 
-DEST is a file name, or a directory (an existing one, or a name ending in "/"): the copy is then named
+DEST is a file name, or a directory (an existing one, a name ending in "/", or any new name given with
+`--keep`; it is created mode 0700): the copy is then named
 `zkdingsync-YYYYMMDD-HHMMSS.db` by the local time, and `--keep N` removes all but the newest N such copies
 there. Nothing else in the directory is touched.
 """
@@ -54,11 +55,12 @@ def backup_name(at: datetime, zone: ZoneInfo) -> str:
     return f"zkdingsync-{at.astimezone(zone):%Y%m%d-%H%M%S}.db"
 
 
-def backup_target(dest: str, at: datetime, zone: ZoneInfo) -> tuple[Path, bool]:
-    """Given DEST as typed, return the copy's path and whether DEST is a directory. Raise UserError when
-    DEST names a file that exists or a directory that cannot hold it."""
+def backup_target(dest: str, at: datetime, zone: ZoneInfo, *, keep: int | None) -> tuple[Path, bool]:
+    """Given DEST as typed (and --keep), return the copy's path and whether DEST is a directory: an
+    existing one, a name ending in "/", or a new name given with --keep. Raise UserError when DEST names
+    a file that exists or a directory that cannot hold it."""
     path = Path(dest)
-    if path.is_dir() or dest.endswith("/"):
+    if path.is_dir() or dest.endswith("/") or (keep is not None and not path.exists()):
         return path / backup_name(at, zone), True
     if path.exists():
         raise UserError(f"backup {dest}: the file exists; name a new file or a directory")
@@ -124,9 +126,7 @@ def backup_command(
         raise UserError(f"no store yet at {source} (has the daemon run?)")
     if keep is not None and keep < 1:
         raise UserError(f"--keep {keep}: keep at least 1 copy")
-    target, in_directory = backup_target(dest, now, ZoneInfo(config.timezone))
-    if keep is not None and not in_directory:
-        raise UserError("--keep needs DEST to be a directory")
+    target, in_directory = backup_target(dest, now, ZoneInfo(config.timezone), keep=keep)
     if in_directory:
         try:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
