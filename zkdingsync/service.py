@@ -18,12 +18,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from zkdingsync import systemd
 from zkdingsync.alerts import CHECK_EVERY_SECONDS, Watch
 from zkdingsync.config import Config, load_config
+from zkdingsync.daily_report import DailyReport
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.robot import RobotNotifier
 from zkdingsync.errors import ConfigError, StoreError, StoreLockedError, UserError
@@ -121,6 +123,19 @@ class Daemon:
             if robot
             else None
         )
+        self.daily_report = (
+            DailyReport(
+                self.store,
+                self.notifier.notify,
+                at=robot.daily_report_at,
+                zone=ZoneInfo(config.timezone),
+                terminals=lambda: [device.name for device in self.config.devices],
+                quota=config.dingtalk.monthly_call_quota,
+                clock=self.clock,
+            )
+            if robot and robot.daily_report_at and self.notifier
+            else None
+        )
         self.forwarder = Forwarder(
             self.store,
             self.client,
@@ -181,6 +196,8 @@ class Daemon:
                     status_due = time.monotonic() + STATUS_EVERY_SECONDS
                 if self.watch is not None and time.monotonic() >= alerts_due:
                     self._alert()
+                    if self.daily_report is not None:
+                        self.daily_report.check()
                     alerts_due = time.monotonic() + CHECK_EVERY_SECONDS
                 if time.monotonic() - summary.last_at >= SUMMARY_EVERY_SECONDS:
                     summary = self._log_summary(summary)

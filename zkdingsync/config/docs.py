@@ -147,6 +147,7 @@ def _type_text(key: Key) -> str:
         "timezone": "IANA time zone",
         "url": "http(s) URL",
         "path": "file path",
+        "time_of_day": '`"HH:MM"`',
         "user_map": 'mapping `"enroll number": userid`',
         "section": "section",
         "list": "list of sections",

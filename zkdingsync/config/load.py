@@ -37,6 +37,7 @@ from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
 _ENROLL_NUMBER = re.compile(r"[0-9]{1,24}")
+_TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 _MAX_NODES = 200_000  # a config has hundreds of nodes; this stops alias bombs ("billion laughs")
 _MAX_NAME_LENGTH = 64
 _MAX_SUGGESTION_INPUT = 100
@@ -446,6 +447,11 @@ class _Checker:
                 return _INVALID
             return float(value) if kind == "number" else value
         # Every other kind is text.
+        if kind == "time_of_day" and isinstance(value, int) and not isinstance(value, bool):
+            self.problems.add(
+                line, path, f'must be quoted, like "08:30" (YAML reads 8:30 as the number {value})'
+            )
+            return _INVALID
         if not isinstance(value, str):
             quote = " (quote it)" if isinstance(value, int | float) and kind in {"string", "name"} else ""
             self.problems.add(line, path, f"must be {_kind_text(key)}, got {_describe(value)}{quote}")
@@ -470,6 +476,11 @@ class _Checker:
             return value
         if kind == "timezone":
             return self._timezone(value, line, path)
+        if kind == "time_of_day":
+            if not _TIME_OF_DAY.fullmatch(value):
+                self.problems.add(line, path, f'{value!r} is not a 24-hour time of day like "08:30"')
+                return _INVALID
+            return value
         if kind == "url":
             return self._url(value, line, path)
         if kind == "path":
@@ -873,6 +884,7 @@ def _kind_text(key: Key) -> str:
         "url": "a URL",
         "path": "a file path",
         "secret": "text",
+        "time_of_day": 'a time of day "HH:MM"',
     }.get(key.kind, key.kind)
 
 

@@ -25,6 +25,7 @@ class RobotConfig:
     secret: str | None = field(default=None, repr=False)
     min_interval_seconds: float = 3.0
     terminal_down_minutes: float = 10.0
+    daily_report_at: str | None = None  # "HH:MM" in the configured timezone: the daily report's time
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,24 @@ REQUIRED: Any = _Required()
 #   host      IP address or RFC 1123    timezone  IANA zone name                 $CREDENTIALS_DIRECTORY
 #   url       http(s)://host[:port]     path      file path (relative = to the config file's directory)
 #   name      printable text, no spaces at the ends, at most 64 characters
+#   time_of_day  "HH:MM", 24-hour
 #   user_map  mapping of enroll-number digits -> DingTalk userid
 # Container kinds: section (mapping of `children`), list (sequence of sections described by `children`).
 SCALAR_KINDS = frozenset(
-    {"string", "integer", "number", "boolean", "choice", "secret", "host", "timezone", "url", "path", "name"}
+    {
+        "string",
+        "integer",
+        "number",
+        "boolean",
+        "choice",
+        "secret",
+        "host",
+        "timezone",
+        "url",
+        "path",
+        "name",
+        "time_of_day",
+    }
 )
 
 
@@ -108,6 +122,16 @@ _ROBOT = Key(
             default=10.0,
             minimum=0,
             maximum=10080,
+        ),
+        Key(
+            "daily_report_at",
+            "time_of_day",
+            'Also send the group one message a day at this time (24-hour "HH:MM", in the configured '
+            "timezone) about the day before: punches per terminal, whether all were delivered or how many "
+            "wait, parked punches per enroll number, terminals that were down, and the month's DingTalk "
+            "calls against the quota. Leave it out for no daily message.",
+            default=None,
+            example="08:30",
         ),
     ),
 )
