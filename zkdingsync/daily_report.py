@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, tzinfo
 
-from zkdingsync.status import quota_month
+from zkdingsync.printable import printable
+from zkdingsync.quota import call_month
 from zkdingsync.store import Store
 from zkdingsync.timeconv import describe_duration
 
@@ -48,7 +49,7 @@ def summarize_day(
         punches=punches,
         parked_by_enroll_number=store.parked_by_enroll_number(MAX_PARKED_NUMBERS),
         outages=store.outages_between(start, start + timedelta(days=1)),
-        calls_this_month=store.calls_in_month(quota_month(now, zone)),
+        calls_this_month=store.calls_in_month(call_month(now, zone)),
         monthly_call_quota=quota,
     )
 
@@ -66,7 +67,7 @@ def render(summary: DaySummary, zone: tzinfo) -> str:
     if len(summary.punches) > MAX_TERMINAL_LINES:
         lines.append(f"- and {len(summary.punches) - MAX_TERMINAL_LINES} more terminals")
     if summary.parked_by_enroll_number:
-        parked = ", ".join(f"{number}: {n}" for number, n in summary.parked_by_enroll_number)
+        parked = ", ".join(f"{printable(number, 24)}: {n}" for number, n in summary.parked_by_enroll_number)
         lines.append(f"parked, by enroll number: {parked} (fix the cause, then `zkdingsync retry`)")
     else:
         lines.append("parked: none")

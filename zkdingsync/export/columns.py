@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 
+from zkdingsync.printable import printable
 from zkdingsync.store import ExportedPunch
 
 # (English header, Chinese for the XLSX header)
@@ -62,8 +63,7 @@ DELIVERY_STATES = {
 }
 
 # Leading characters a spreadsheet would take as the start of a formula.
-_FORMULA_STARTS = ("=", "+", "@", "\t", "\r")
-_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_FORMULA_STARTS = ("=", "+", "@")
 
 Cell = str | int | datetime | None
 _MAX_OFFSET_MINUTES = 14 * 60  # beyond any zone: the terminal's clock and its stored moment disagree
@@ -71,8 +71,8 @@ _MAX_OFFSET_MINUTES = 14 * 60  # beyond any zone: the terminal's clock and its s
 
 def clean_text(text: str) -> str:
     """Given text from a terminal or DingTalk, return it safe for a spreadsheet cell: control characters
-    escaped as \\xNN, and a leading formula character behind an apostrophe."""
-    text = text.translate(_ESCAPES)
+    escaped (`printable`), and a leading formula character behind an apostrophe."""
+    text = printable(text)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
