@@ -120,6 +120,7 @@ class Outcome:
     reason: str = ""
     wait_seconds: float = 0.0
     code: str | None = None  # DingTalk's errcode / sub_code, when there was one
+    request_id: str | None = None  # DingTalk's request_id of the answer (kept for delivered punches)
 
 
 @dataclass(frozen=True)

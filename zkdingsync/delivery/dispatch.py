@@ -206,7 +206,7 @@ class Dispatcher:
         now = self._p.clock()
         store, health, kind = self._p.store, self._p.health, outcome.kind
         if kind is OutcomeKind.DELIVERED:
-            store.mark_delivered(stored.id, at=now, userid=upload.userid)
+            store.mark_delivered(stored.id, at=now, userid=upload.userid, request_id=outcome.request_id)
             health.answered(now, call)
             return PunchResult.DELIVERED
         if kind is OutcomeKind.PERMANENT:

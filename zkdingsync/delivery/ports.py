@@ -15,7 +15,15 @@ class DeliveryStore(Protocol):
 
     def claim_due(self, now: datetime, limit: int) -> Sequence[StoredPunch]: ...
 
-    def mark_delivered(self, punch_id: int, *, at: datetime, userid: str) -> None: ...
+    def mark_delivered(
+        self,
+        punch_id: int,
+        *,
+        at: datetime,
+        userid: str,
+        request_id: str | None = None,
+        record_id: str | None = None,
+    ) -> None: ...
 
     def make_pending_due(self, now: datetime) -> int: ...
 

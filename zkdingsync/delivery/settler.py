@@ -10,7 +10,7 @@ would risk a duplicate.
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,7 +30,13 @@ from zkdingsync.delivery.ports import (
     ms_to_datetime,
 )
 from zkdingsync.delivery.ratelimit import RateLimiter
-from zkdingsync.dingtalk.client import DINGTALK_WINDOW, MAX_READ_BACK_SPAN, MAX_READ_BACK_USERS, DingTalkError
+from zkdingsync.dingtalk.client import (
+    DINGTALK_WINDOW,
+    MAX_READ_BACK_SPAN,
+    MAX_READ_BACK_USERS,
+    DingTalkError,
+    evidence_id,
+)
 from zkdingsync.mapping import unmapped_reason
 from zkdingsync.model import OutcomeKind, StoredPunch
 
@@ -290,22 +296,24 @@ class Settler:
         two punches. (A punch already delivered earlier with the same record is not in this count: such a
         pair can still settle on one record, which then holds exactly what the second upload would add.)
         """
-        seen: Counter[tuple[str, int, str]] = Counter()
+        # (userid, time, device) -> the ids of the records not yet vouching for a punch (kept as evidence)
+        seen: dict[tuple[str, int, str], list[str | None]] = defaultdict(list)
         for record in records:
             try:
                 when = int(record.get("userCheckTime"))  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 continue
-            seen[(str(record.get("userId")), when, str(record.get("deviceId") or ""))] += 1
+            key = (str(record.get("userId")), when, str(record.get("deviceId") or ""))
+            seen[key].append(evidence_id(record.get("id")))
         now = self._p.clock()
         store = self._p.store
         for item in sorted(call.items, key=lambda unsettled: unsettled.stored.id):
             serial = item.stored.punch.serial or item.stored.punch.device
             for device in (serial, ""):  # a record without a deviceId vouches for any terminal
                 key = (item.userid, item.ms, device)
-                if seen[key] > 0:
-                    seen[key] -= 1
-                    store.mark_delivered(item.stored.id, at=now, userid=item.userid)
+                if seen.get(key):
+                    record_id = seen[key].pop(0)
+                    store.mark_delivered(item.stored.id, at=now, userid=item.userid, record_id=record_id)
                     report.found += 1
                     break
             else:

@@ -63,6 +63,7 @@ MAX_READ_BACK_USERS = 50
 MAX_READ_BACK_SPAN = timedelta(days=7)
 # How far back DingTalk accepts an upload or a read-back.
 DINGTALK_WINDOW = timedelta(days=180)
+MAX_EVIDENCE_ID = 128  # characters of a request or record id kept; longer is not an id
 
 TOKEN_REFRESH_MARGIN = timedelta(minutes=5)
 # Call counts are written to the store in groups (see DingTalkClient._count_call).
@@ -204,6 +205,15 @@ def classify_errcode(code: str, errmsg: str = "") -> Outcome:
     return Outcome(OutcomeKind.PERMANENT, f"DingTalk refused it (errcode {code}: {message})", 0.0, code)
 
 
+def evidence_id(value: object) -> str | None:
+    """Given an id DingTalk sent (a `request_id`, a listRecord record `id`), return it as text to keep, or
+    None when it is missing, not a string or number, or implausibly long."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text if 0 < len(text) <= MAX_EVIDENCE_ID else None
+
+
 def classify_answer(answer: Mapping[str, Any]) -> Outcome:
     """Given a decoded JSON answer of a call that was well formed, return its Outcome.
 
@@ -220,7 +230,9 @@ def classify_answer(answer: Mapping[str, Any]) -> Outcome:
     if code is None:
         return Outcome(OutcomeKind.UNKNOWN, f"DingTalk answered without an errcode: {_short(answer)}")
     if code == "0":
-        return Outcome(OutcomeKind.DELIVERED, "ok", 0.0, "0")
+        return Outcome(
+            OutcomeKind.DELIVERED, "ok", 0.0, "0", request_id=evidence_id(answer.get("request_id"))
+        )
     errmsg = answer.get("sub_msg") or answer.get("errmsg") or ""
     return classify_errcode(code, str(errmsg))
 

@@ -477,12 +477,15 @@ class FakeDingTalk:
             return _invalid("user_check_time is in the future")
         if check_time < now_ms - WINDOW_MS:
             return _invalid("user_check_time is older than 180 days")
+        request_id = _request_id()
         with self._lock:
-            self._accept(payload, check_time, "upload")
-        return _json({"errcode": 0, "errmsg": "ok", "success": True, "request_id": _request_id()})
+            self._accept(payload, check_time, "upload", request_id)
+        return _json({"errcode": 0, "errmsg": "ok", "success": True, "request_id": request_id})
 
-    def _accept(self, payload: Mapping[str, Any], check_time: int, how: str) -> None:
-        """Record an accepted upload; the caller holds the lock."""
+    def _accept(
+        self, payload: Mapping[str, Any], check_time: int, how: str, request_id: str | None = None
+    ) -> None:
+        """Record an accepted upload (with the request_id its answer carried); the caller holds the lock."""
         self._state.record_id += 1
         self._state.uploads.append(
             {
@@ -491,6 +494,7 @@ class FakeDingTalk:
                 "device_name": payload["device_name"],
                 "user_check_time": check_time,
                 "record_id": self._state.record_id,
+                "request_id": request_id,
                 "how": how,
             }
         )
