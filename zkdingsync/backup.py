@@ -69,7 +69,7 @@ def backup_target(dest: str, at: datetime, zone: ZoneInfo, *, keep: int | None) 
     return path, False
 
 
-def take_backup(source: Path, target: Path) -> tuple[int, dict[Delivery, int]]:
+def take_backup(source: Path, target: Path, *, now: datetime) -> tuple[int, dict[Delivery, int]]:
     """Copy the store at `source` to `target` and check the copy; return its size and punch counts.
 
     Raise UserError (one line, nothing left at `target`) when the copy cannot be written or is unsound.
@@ -77,7 +77,7 @@ def take_backup(source: Path, target: Path) -> tuple[int, dict[Delivery, int]]:
     try:
         with written_whole(target) as temporary:
             with Store.open(source, read_only=True) as store:
-                store.copy_to(temporary)
+                store.copy_to(temporary, taken_at=now)
             with Store.open(temporary, read_only=True) as copy:
                 verdict = copy.integrity_check()
                 if verdict != "ok":
@@ -132,7 +132,7 @@ def backup_command(
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"backup {dest}: cannot create the directory: {error.strerror}") from error
-    size, counts = take_backup(source, target)
+    size, counts = take_backup(source, target, now=now)
     removed = prune(target.parent, keep) if keep is not None else ()
     out.write(BackupReport(target, size, counts, removed).summary() + "\n")
     return 0

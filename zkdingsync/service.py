@@ -96,11 +96,19 @@ class Daemon:
         self.signals = _Signals()
         try:
             self.store = Store.open(config.store.path, lock=True)
+            restored = self.store.adopt_restored_backup(clock())
         except StoreLockedError:
             raise
         except StoreError as error:
             # At start-up a store that cannot be opened is the admin's to fix (permissions, disk, path).
             raise UserError(f"cannot open the store: {error}") from error
+        if restored is not None:
+            log.warning(
+                "store.restored_from_backup",
+                taken_at=restored[0].isoformat(),
+                pending_read_back=restored[1],
+                note="pending punches are looked up in DingTalk before anything is sent again",
+            )
         self.client = DingTalkClient.from_settings(
             config.dingtalk, store=self.store, org_timezone=config.timezone
         )

@@ -10,7 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from zkdingsync.store.connection import Connection, parse_time, store_error
+from zkdingsync.store.connection import UPSERT_KV, Connection, iso, parse_time, store_error
+from zkdingsync.store.state import BACKUP_TAKEN_KEY
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,15 @@ class Evidence(Connection):
                 rows,
             )
 
-    def copy_to(self, target: Path) -> None:
+    def copy_to(self, target: Path, *, taken_at: datetime) -> None:
         """Copy the whole store into `target` (an empty file) through SQLite's online backup API.
 
         The copy is taken in one read transaction, so it is the store as it was at one moment however
         much the daemon writes meanwhile, and it is a single self-contained file (rollback journal, not
-        WAL). Raise StoreError naming `target` when it cannot be written (a full disk, say).
+        WAL). It is marked as a backup taken at `taken_at`: should it ever be restored, its pending punches
+        may have been delivered after that moment, so the daemon reads DingTalk back before sending them
+        (`PunchQueue.adopt_restored_backup`). Raise StoreError naming `target` when it cannot be written (a
+        full disk, say).
         """
         try:
             copy = sqlite3.connect(str(target), isolation_level=None)
@@ -152,6 +156,7 @@ class Evidence(Connection):
         try:
             with self._mutex:
                 self._conn.backup(copy)
+            copy.execute(UPSERT_KV, (BACKUP_TAKEN_KEY, iso(taken_at), None))
             copy.execute("PRAGMA journal_mode=DELETE")
         except sqlite3.Error as error:
             raise store_error(target, error) from error

@@ -13,6 +13,7 @@ from typing import Any
 
 from zkdingsync.model import Delivery, Punch, StoredPunch
 from zkdingsync.store.connection import Connection, iso, parse_time
+from zkdingsync.store.state import BACKUP_TAKEN_KEY
 
 PUNCH_COLUMNS = (
     "id, serial, enroll_number, local_time, punch_state, verify_mode, device, check_time_ms, workcode, "
@@ -149,6 +150,30 @@ class PunchQueue(Connection):
             f"SELECT {PUNCH_COLUMNS} FROM punches WHERE delivery = 'in_flight' ORDER BY id"  # noqa: S608
         )
         return [stored_punch(row) for row in rows]
+
+    def adopt_restored_backup(self, now: datetime) -> tuple[datetime, int] | None:
+        """If this store is a restored backup, make it safe to deliver from, once; return when the backup
+        was taken and how many punches will be read back (None for a store that is not a restored copy).
+
+        A punch pending in the copy may have been delivered by the daemon after the backup was taken, so
+        every pending punch is put in flight with its outcome unknown: the settler reads DingTalk back
+        before anything is sent again, and sends only what DingTalk does not have.
+        """
+        with self._transaction() as conn:
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (BACKUP_TAKEN_KEY,)).fetchone()
+            if row is None:
+                return None
+            taken_at = datetime.fromisoformat(str(row[0]))
+            cursor = conn.execute(
+                "UPDATE punches SET delivery = 'in_flight', outcome_unknown = 1, in_flight_since = ?, "
+                "reason = ? WHERE delivery = 'pending'",
+                (
+                    iso(now),
+                    f"restored from a backup of {taken_at:%Y-%m-%d %H:%M} UTC: reading DingTalk back first",
+                ),
+            )
+            conn.execute("DELETE FROM kv WHERE key = ?", (BACKUP_TAKEN_KEY,))
+            return taken_at, cursor.rowcount
 
     def requeue_parked(
         self, *, reason_contains: str | None = None, device: str | None = None, now: datetime | None = None

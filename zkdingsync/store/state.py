@@ -21,6 +21,8 @@ _HEALTH_AT_KEY = "dingtalk.health_at"  # when the health was last written, ISO-8
 _MAPPING_REFRESH_KEY = "mapping.refresh_requested"  # set by `retry`: the time of the request, ISO-8601
 _STORE_PROBE_KEY = "delivery.store_probe"  # written to see whether a failing store takes writes again
 JOB_NUMBERS_UPDATED_KEY = "job_numbers.updated_at"
+# Set in a backup copy only (when it was taken); the daemon that opens a restored copy acts on it once.
+BACKUP_TAKEN_KEY = "backup.taken_at"
 _DAILY_REPORT_KEY = "report.daily_sent_for"  # the day ("YYYY-MM-DD") the last daily report was about
 
 
