@@ -1,10 +1,12 @@
 """Export benchmark: `zkdingsync export` of 1,000,000 stored punches, as CSV and as XLSX, in bounded memory.
 
 A store of N punches (10,000 a day on 20 terminals, every delivery state, request ids on the delivered
-ones) is built once; then the real `zkdingsync export` process runs, and its peak resident memory is read
-from the kernel (`wait4`'s ru_maxrss) and its time measured. Baseline of the same run: the same command
-exporting one day (10,000 rows), so the memory the rows add shows as the difference. Goal: peak RSS under
-150 MB for the whole store, in both formats.
+ones) is built once, in a child process; then the real `zkdingsync export` process runs, and its peak
+resident memory is read from the kernel (`wait4`'s ru_maxrss) and its time measured. The bench process
+itself imports nothing of zkdingsync and stays small: a child's ru_maxrss starts from its parent's size
+at the fork. Baselines of the same run: the same program doing nothing (`zkdingsync --version`), and the
+same export of one day (10,000 rows), so the memory the rows add shows as the difference. Goal: peak RSS
+under 150 MB for the whole store, in both formats.
 
 Run: `python -m bench.bench_export [--rows 1000000] [--formats csv,xlsx] [--keep DIR] [--json FILE]
 [--strict]`.
@@ -23,9 +25,6 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-
-from zkdingsync.model import Punch
-from zkdingsync.store import Store
 
 PER_DAY = 10_000
 TERMINALS = 20
@@ -47,6 +46,9 @@ devices:
 
 def build_store(path: Path, rows: int) -> None:
     """Store `rows` punches through the store's own poll path, then give them their delivery states."""
+    from zkdingsync.model import Punch
+    from zkdingsync.store import Store
+
     shanghai = timezone(timedelta(hours=8))
     batch: list[Punch] = []
     with Store.open(path) as store:
@@ -96,38 +98,25 @@ def build_store(path: Path, rows: int) -> None:
 
 
 def run_export(config: Path, first: str, last: str, output: Path) -> dict[str, Any]:
-    """Run the real `zkdingsync export` process; return its seconds and peak RSS."""
+    """Run the real `zkdingsync export` process; return its seconds, peak RSS and the file's size."""
+    result = measure(["export", "-c", str(config), "--from", first, "--to", last, "-o", str(output)])
+    result["output_bytes"] = output.stat().st_size
+    return result
+
+
+def measure(arguments: list[str]) -> dict[str, Any]:
+    """Run `python -m zkdingsync ARGUMENTS`; return its seconds, peak RSS and what it said on stderr."""
     started = time.perf_counter()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "zkdingsync",
-            "export",
-            "-c",
-            str(config),
-            "--from",
-            first,
-            "--to",
-            last,
-            "-o",
-            str(output),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-m", "zkdingsync", *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     stderr = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
-        raise RuntimeError(f"export failed: {stderr}")
-    return {
-        "seconds": round(seconds, 2),
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "output_bytes": output.stat().st_size,
-        "said": stderr.strip(),
-    }
+        raise RuntimeError(f"zkdingsync {arguments[0]} failed: {stderr}")
+    return {"seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "said": stderr.strip()}
 
 
 def main(argv: list[str]) -> int:
@@ -140,14 +129,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="build the store in DIR and keep it (reused)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--build-store", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
     args = parser.parse_args(argv)
+    if args.build_store is not None:
+        build_store(args.build_store, args.rows)
+        return 0
     with tempfile.TemporaryDirectory(prefix="zkdingsync-bench-export-") as scratch:
         workdir = args.keep or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         store = workdir / f"export-{args.rows}.db"
         if not store.exists():
             started = time.perf_counter()
-            build_store(store, args.rows)
+            child = [sys.executable, "-m", "bench.bench_export", "--rows", str(args.rows)]
+            subprocess.run([*child, "--build-store", str(store)], check=True)
             print(
                 f"built a store of {args.rows:,} punches in {time.perf_counter() - started:.0f} s", flush=True
             )
@@ -160,6 +154,11 @@ def main(argv: list[str]) -> int:
         days = -(-args.rows // PER_DAY)
         first, last = FIRST_DAY.isoformat(), (FIRST_DAY + timedelta(days=days - 1)).isoformat()
         results: dict[str, Any] = {"rows": args.rows, "load": os.getloadavg()[0]}
+        idle = measure(["--version"])
+        results["program_only"] = idle
+        print(
+            f"baseline: `zkdingsync --version` peak RSS {idle['peak_rss_bytes'] / 2**20:.0f} MB", flush=True
+        )
         ok = True
         for fmt in args.formats.split(","):
             baseline = run_export(config, first, first, workdir / f"day.{fmt}")
