@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from zkdingsync.logs import forget_secrets, reset_logging
+from zkdingsync.logs import reset_logging
+from zkdingsync.redaction import forget_secrets
 
 # A valid configuration; `{store}` is replaced by a path under the test's tmp_path.
 VALID_CONFIG = """\

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from zkdingsync.config import Config, DeviceConfig, check_host, load_config, store_problem
 from zkdingsync.config.schema import SCHEMA, Key, iter_keys
 from zkdingsync.errors import ConfigError
-from zkdingsync.logs import redact_text
+from zkdingsync.redaction import redact_text
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:

@@ -13,7 +13,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from zkdingsync.logs import configure_logging, redact_secrets, register_secret, stream_is_journal
+from zkdingsync.logs import configure_logging, redact_secrets, stream_is_journal
+from zkdingsync.redaction import register_secret
 
 log = structlog.get_logger("tests.logs")
 

@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from zkdingsync.config import Config, DeviceConfig, DingTalkConfig, PollConfig, StoreConfig, load_config
-from zkdingsync.logs import forget_secrets
 from zkdingsync.model import Delivery, DingTalkHealth, HealthState, Punch, TerminalInfo
 from zkdingsync.quota import call_month
+from zkdingsync.redaction import forget_secrets
 from zkdingsync.status import (
     collect_status,
     needs_attention,

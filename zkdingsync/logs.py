@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from zkdingsync.redaction import REDACTED, is_secret_key, redact_text
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("auto", "console", "json", "keyvalue")
-REDACTED = "***"
 
 # sd-daemon(3) priorities, keyed by structlog's method name.
 _PRIORITIES = {
@@ -40,72 +39,6 @@ _PRIORITIES = {
     "critical": 2,
     "fatal": 2,
 }
-
-# Key names that hold secrets: any key containing one of these words...
-_SECRET_SUBSTRINGS = ("secret", "token", "password", "passwd", "appsecret")
-# ...or having one of these as a whole word ("sign" alone, so that "signal" or "design" stay readable).
-_SECRET_WORDS = frozenset({"sign", "signature", "comm_key", "commkey", "authorization", "credential"})
-_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
-
-# Secrets shorter than this are not searched for inside strings: replacing every "0" or "ab" in every
-# message would make logs unreadable and would itself hint at the secret.
-_MIN_SECRET_LENGTH = 4
-
-# Credentials in URL queries (DingTalk's run-time access token, a robot's token and signature, the app
-# secret of /gettoken): redacted wherever a URL lands in a message, registered or not.
-_SECRET_QUERY = re.compile(
-    r"([?&](?:access_token|appsecret|app_secret|sign|secret)=)[^&\s\"'<>)]+", re.IGNORECASE
-)
-
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-_secret_pattern: re.Pattern[str] | None = None
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret value so that it is replaced by `***` wherever it appears in a logged string.
-
-    Config loading calls this for every secret it reads. Empty and very short values are ignored.
-    """
-    global _secret_pattern
-    if not value or len(value) < _MIN_SECRET_LENGTH:
-        return
-    with _secrets_lock:
-        if value in _secrets:
-            return
-        _secrets.add(value)
-        # Longest first so that a secret containing another one is replaced whole.
-        ordered = sorted(_secrets, key=len, reverse=True)
-        _secret_pattern = re.compile("|".join(re.escape(secret) for secret in ordered))
-
-
-def forget_secrets() -> None:
-    """Forget every registered secret (for tests)."""
-    global _secret_pattern
-    with _secrets_lock:
-        _secrets.clear()
-        _secret_pattern = None
-
-
-def is_secret_key(key: str) -> bool:
-    """Given a log key (or config key) name, return True when its value must never be shown."""
-    lowered = key.lower()
-    if any(part in lowered for part in _SECRET_SUBSTRINGS):
-        return True
-    if lowered in _SECRET_WORDS:
-        return True
-    return any(word in _SECRET_WORDS for word in _WORD_SPLIT.split(lowered))
-
-
-def redact_text(text: str) -> str:
-    """Given a string, return it with every registered secret value, and every credential in a URL query
-    (`access_token=`, `appsecret=`, `sign=`, ...), replaced by `***`."""
-    if "=" in text:
-        text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
-    pattern = _secret_pattern
-    if pattern is None:
-        return text
-    return pattern.sub(REDACTED, text)
 
 
 def _redact_value(value: Any) -> Any:

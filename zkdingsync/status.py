@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 from zoneinfo import ZoneInfo
 
 from zkdingsync.errors import StoreError
-from zkdingsync.logs import redact_text
 from zkdingsync.model import Delivery, HealthState
 from zkdingsync.quota import QUOTA_WARNING_SHARE, call_month
+from zkdingsync.redaction import redact_text
 from zkdingsync.store import Checkpoint, Store
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ STATE_OK = "ok"
 STATE_DOWN = "down"
 STATE_NEVER_POLLED = "never polled"
 
-# Secrets shorter than this are not searched for in the output: scrubbing every "0" would garble counts.
-_MIN_SECRET_LENGTH = 6
-_REDACTED = "***"
 _ERROR_WIDTH = 70
 
 
@@ -263,10 +260,7 @@ def _reasons(pairs: list[tuple[str, int]], secrets: Collection[str]) -> tuple[Re
 
 def _scrub(text: str, secrets: Collection[str]) -> str:
     """Replace every secret (and every secret the logging set-up knows) inside `text` by `***`."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= _MIN_SECRET_LENGTH:
-            text = text.replace(secret, _REDACTED)
-    return redact_text(text)
+    return redact_text(text, secrets)
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -31,8 +31,8 @@ from zkdingsync.config.objects import Config
 from zkdingsync.config.schema import SCHEMA, Key
 from zkdingsync.errors import ConfigError
 from zkdingsync.hosts import check_host
-from zkdingsync.logs import register_secret
 from zkdingsync.printable import ECHO_LIMIT, printable, quoted
+from zkdingsync.redaction import register_secret
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ from requests.adapters import HTTPAdapter
 from zkdingsync.errors import StoreError, ZkdingsyncError
 from zkdingsync.model import Outcome, OutcomeKind, Upload, utc_now
 from zkdingsync.quota import call_month
+from zkdingsync.redaction import redact_text
 
 log = structlog.get_logger(__name__)
 
@@ -291,15 +291,12 @@ class _SdkDropFilter(logging.Filter):
         return False
 
 
-_SECRET_QUERY = re.compile(r"((?:access_token|appsecret|sign)=)[^&\s\"']+", re.IGNORECASE)
-
-
 class _QueryRedactionFilter(logging.Filter):
     """Redact credentials from URLs in urllib3's debug lines ("GET /gettoken?appkey=..&appsecret=..")."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = _SECRET_QUERY.sub(r"\1***", message)
+        redacted = redact_text(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
