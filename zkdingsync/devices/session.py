@@ -21,6 +21,7 @@ import structlog
 from zk import ZK
 from zk.exception import ZKErrorResponse
 
+from zkdingsync.devices import pyzk_private as pyzk
 from zkdingsync.devices.guard import (
     LIBRARY_ERRORS,
     DeviceLike,
@@ -114,14 +115,12 @@ class Session:
             # Replaces pyzk's __create_socket, which ignores connect errors (connect_ex).
             wait = min(self.timeout, max(deadline - time.monotonic(), 0.001))
             sock = open_socket(device.host, device.port, udp, wait)
-            zk._ZK__sock.close()  # the unused UDP socket pyzk made in __init__
+            pyzk.socket_of(zk).close()  # the unused UDP socket pyzk made in __init__
             self.guard = GuardedSocket(sock, timeout=self.timeout, deadline=deadline, cancel=self.cancel)
-            zk._ZK__sock = self.guard
+            pyzk.set_socket(zk, self.guard)
 
-        zk._ZK__create_socket = create_socket
-        # pyzk opens and closes a probe connection (hard-coded 10 s timeout) only to guess the user
-        # record size, which we never use: skip it.
-        zk.helper.test_tcp = lambda: 0
+        pyzk.set_socket_factory(zk, create_socket)
+        pyzk.skip_size_probe(zk)
         self.zk = zk
         zk.connect()
 
@@ -161,7 +160,7 @@ class Session:
             guard.close()
         elif self.zk is not None:
             with contextlib.suppress(OSError, AttributeError):
-                self.zk._ZK__sock.close()
+                pyzk.socket_of(self.zk).close()
         if self.disabled:
             # The connection broke while the terminal was disabled (it dropped mid-download, or the
             # enable itself failed): try once more on a new connection rather than leave it refusing
@@ -192,10 +191,9 @@ class Session:
 
     def _command(self, command: int, payload: bytes = b"", response_size: int = 1024) -> bytes:
         """Send one command through pyzk's framing and return the reply payload; raise on a non-OK."""
-        reply = self.zk._ZK__send_command(command, payload, response_size)
+        reply, data = pyzk.send_command(self.zk, command, payload, response_size)
         if not reply.get("status"):
             raise ZKErrorResponse(f"command {command} answered with code {reply.get('code')}")
-        data: bytes = self.zk._ZK__data
         return data
 
     def read_sizes(self) -> tuple[int, int, int, int]:
@@ -271,7 +269,7 @@ class Session:
         """PREPARE_BUFFER for `table`: return the buffer's size in bytes, or the buffer itself when the
         terminal sends a small one inline."""
         data = self._command(_CMD_PREPARE_BUFFER, struct.pack("<bhii", 1, table, fct, 0), 1024)
-        if self.zk._ZK__response == _CMD_DATA:
+        if pyzk.last_response(self.zk) == _CMD_DATA:
             return bytes(data)
         if len(data) < 5:
             raise MalformedReply(f"the buffer size reply has {len(data)} bytes, fewer than 5")
@@ -290,7 +288,7 @@ class Session:
         for offset in range(start, start + length, chunk):
             size = min(chunk, start + length - offset)
             try:
-                data = self.zk._ZK__read_chunk(offset, size)
+                data = pyzk.read_chunk(self.zk, offset, size)
             except (ZKErrorResponse, TooMuchData) as error:
                 if offset and not aligned:
                     raise OffsetUnsupported(f"it refuses buffered reads from an offset ({error})") from error
