@@ -225,14 +225,18 @@ def write_config(
     return path
 
 
-def run_cli(args: Sequence[str], *, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run `python -m zkdingsync ARGS` and return the finished process with its text output."""
+def run_cli(
+    args: Sequence[str], *, timeout: float = 30, environ: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m zkdingsync ARGS` (with `environ` added to this environment) and return the finished
+    process with its text output."""
     return subprocess.run(
         [sys.executable, "-m", "zkdingsync", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(environ or {})},
     )
 
 

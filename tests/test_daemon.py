@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -144,9 +145,11 @@ def test_status_while_running_shows_parked_unmapped_employee(
     assert len([line for line in daemon.stderr().splitlines() if "1004" in line and "unmapped" in line]) <= 2
 
 
-def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one_is_broken(
+def test_reload_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one_is_broken(
     tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
 ) -> None:
+    """`zkdingsync reload` (the unit's ExecReload=) signals the daemon and exits with its verdict: 0 once
+    the new file is applied, 78 with the problems when the daemon rejected it and kept the old one."""
     lobby = terminals(serial="E2E00021", record_size=40, users=3, records=3, first_punch=history_start(3))
     gate = terminals(
         serial="E2E00022",
@@ -157,17 +160,27 @@ def test_sighup_applies_a_new_terminal_and_keeps_the_old_config_when_the_new_one
         first_punch=history_start(3),
     )
     config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
-    daemon = DaemonProcess(config, tmp_path)
+    runtime = {"RUNTIME_DIRECTORY": str(tmp_path)}
+    daemon = DaemonProcess(config, tmp_path, environ=runtime)
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        return run_cli(["reload", "--pid", str(daemon.pid), "--timeout", "20"], environ=runtime)
+
     try:
         wait_for(lambda: len(dingtalk.uploads) >= 3, timeout=30, interval=0.05)
         configure(config, dingtalk, {"lobby": lobby, "gate": gate})
-        daemon.signal(signal.SIGHUP)
+        applied = reload()
+        assert (applied.returncode, applied.stdout) == (0, "configuration reloaded\n"), applied.stderr
+        assert daemon.events("config.reloaded")  # logged before the answer: applied when reload returns
         wait_for(lambda: len(dingtalk.uploads) >= 6, timeout=30, interval=0.05)
         assert {u["device_id"] for u in dingtalk.uploads} == {"E2E00021", "E2E00022"}
 
         config.write_text(config.read_text(encoding="utf-8").replace("port:", "prot:", 1), encoding="utf-8")
-        daemon.signal(signal.SIGHUP)
-        wait_for(lambda: daemon.events("config.reload_rejected"), timeout=10, interval=0.05)
+        rejected = reload()
+        assert rejected.returncode == EXIT_CONFIG, rejected.stderr
+        assert "unknown key; did you mean 'port'?" in rejected.stderr
+        assert "Traceback" not in rejected.stderr
+        assert daemon.events("config.reload_rejected")
         gate.add_punch("1002")  # still polled: the old config stays in force
         wait_for(lambda: len(dingtalk.uploads) >= 7, timeout=30, interval=0.05)
         assert daemon.running()
@@ -197,39 +210,88 @@ def test_demo_runs_the_whole_product_and_reports_what_dingtalk_received() -> Non
     assert "Traceback" not in result.stderr
 
 
+class NotifyListener:
+    """systemd's side of sd_notify: a datagram socket that keeps every message the daemon sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.heard: list[str] = []
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        self._socket.settimeout(0.1)
+
+    def hear(self, wanted: Callable[[str], bool]) -> bool:
+        """Read what arrived; return True when some message so far satisfies `wanted`."""
+        try:
+            while True:
+                self.heard.append(self._socket.recv(4096).decode())
+        except TimeoutError:
+            pass
+        return any(wanted(message) for message in self.heard)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    notify = NotifyListener(tmp_path / "notify.sock")
+    try:
+        yield notify
+    finally:
+        notify.close()
+
+
 def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(
-    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk, listener: NotifyListener
 ) -> None:
     lobby = terminals(serial="E2E00031", record_size=40, users=3, records=3, first_punch=history_start(3))
     config = configure(tmp_path / "config.yaml", dingtalk, {"lobby": lobby})
-    heard: list[str] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(str(tmp_path / "notify.sock"))
-        listener.settimeout(0.1)
-
-        def hear(prefix: str) -> bool:
-            try:
-                while True:
-                    heard.append(listener.recv(4096).decode())
-            except TimeoutError:
-                pass
-            return any(message.startswith(prefix) for message in heard)
-
-        environ = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
-        daemon = DaemonProcess(config, tmp_path, environ=environ)
-        try:
-            wait_for(lambda: hear("READY=1"), timeout=20)
-            wait_for(lambda: hear("WATCHDOG=1"), timeout=10)
-            wait_for(lambda: hear("STATUS="), timeout=10)
-            daemon.signal(signal.SIGHUP)
-            wait_for(lambda: hear("RELOADING=1"), timeout=10)
-        finally:
-            assert daemon.terminate(timeout=10) == 0
-        wait_for(lambda: hear("STOPPING=1"), timeout=5)
+    environ = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "2000000"}
+    daemon = DaemonProcess(config, tmp_path, environ=environ)
+    try:
+        wait_for(lambda: listener.hear(lambda m: m == "READY=1"), timeout=20)
+        wait_for(lambda: listener.hear(lambda m: m == "WATCHDOG=1"), timeout=10)
+        wait_for(lambda: listener.hear(lambda m: m.startswith("STATUS=")), timeout=10)
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: listener.hear(lambda m: m == "RELOADING=1"), timeout=10)
+    finally:
+        assert daemon.terminate(timeout=10) == 0
+    wait_for(lambda: listener.hear(lambda m: m == "STOPPING=1"), timeout=5)
+    heard = listener.heard
     assert heard.index("READY=1") < heard.index("RELOADING=1") < heard.index("STOPPING=1")
     assert heard.count("READY=1") == 2  # started, and reloaded
     status = next(message for message in heard if message.startswith("STATUS="))
     assert re.fullmatch(r"STATUS=[01]/1 terminals ok, \d+ pending, \d+ parked", status)
+
+
+def test_status_names_the_worst_condition_first(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk, listener: NotifyListener
+) -> None:
+    """Rejected credentials pause delivery, a terminal is down: `systemctl status` says so before the
+    counts (and at once, not at the next periodic line)."""
+    lobby = terminals(serial="E2E00032", record_size=40, users=3, records=3, first_punch=history_start(3))
+    gate = terminals(serial="E2E00033", record_size=40, users=3, records=0)
+    gate.power_off()
+    config = write_config(
+        tmp_path / "config.yaml",
+        store=tmp_path / "zk.db",
+        api_base=dingtalk.url,
+        devices=[("lobby", lobby.port), ("gate", gate.port)],
+        users=USERS,
+        app_key=APP_KEY,
+        app_secret="not-the-app-secret",
+    )
+    daemon = DaemonProcess(config, tmp_path, environ={"NOTIFY_SOCKET": str(listener.path)})
+    expected = re.compile(
+        r"STATUS=delivery paused: DingTalk rejected app_key/app_secret \(errcode 40096: .*\); "
+        r"1 terminal down: gate; 1/2 terminals ok, 3 pending, 0 parked"
+    )
+    try:
+        wait_for(lambda: listener.hear(expected.fullmatch), timeout=20)
+    finally:
+        assert daemon.terminate(timeout=10) == 0
+    assert "not-the-app-secret" not in "".join(listener.heard)
 
 
 def test_retry_after_hr_fills_in_a_job_number_delivers_the_parked_punches(

@@ -115,7 +115,8 @@ def test_unit_stops_restarting_on_a_config_error() -> None:
     # main loop the same way as SIGTERM) must come back; `systemctl stop` is never followed by a restart,
     # and RestartPreventExitStatus holds whatever Restart= says.
     assert service["Restart"] == "always"
-    assert service["RestartPreventExitStatus"].split() == [str(config_exit_code())]
+    # 243 (CREDENTIALS): systemd could not read /etc/zkdingsync/app_secret; that waits for the admin too.
+    assert service["RestartPreventExitStatus"].split() == [str(config_exit_code()), "243"]
     # A failing ExecStartPre would not be covered by RestartPreventExitStatus (main process only).
     assert "ExecStartPre" not in service
     assert service["ExecStart"].split()[1:] == ["run", "-c", "/etc/zkdingsync/config.yaml"]
@@ -163,7 +164,9 @@ def test_unit_has_the_required_directives() -> None:
     assert {key: service.get(key) for key in expected} == expected
     text = UNIT.read_text()
     assert "Environment=PYTHONUNBUFFERED=1\n" in text
-    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+    # The daemon validates and answers; the command waits, so that `systemctl reload` fails on a bad file.
+    assert "ExecReload=/opt/zkdingsync/bin/zkdingsync reload --pid $MAINPID\n" in text
+    assert service["RuntimeDirectory"] == "zkdingsync"  # where the daemon answers it
     assert "DynamicUser" not in service
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
@@ -173,9 +176,9 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     # verify insists that ExecStart's binary exists; the real one lives in /opt only once installed, so
     # check a copy that points at an existing executable and is otherwise identical.
     text = UNIT.read_text()
-    assert text.count("/opt/zkdingsync/bin/zkdingsync") == 2
+    assert text.count("=/opt/zkdingsync/bin/zkdingsync ") == 2
     copy = tmp_path / "zkdingsync.service"
-    copy.write_text(text.replace("/opt/zkdingsync/bin/zkdingsync", "/bin/true"))
+    copy.write_text(text.replace("=/opt/zkdingsync/bin/zkdingsync ", "=/bin/true "))
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(copy)],
         capture_output=True,
@@ -186,3 +189,20 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     complaints = [line for line in result.stderr.splitlines() if "zkdingsync" in line]
     assert result.returncode == 0, result.stderr
     assert complaints == []
+
+
+def _commands(lines: list[str]) -> list[str]:
+    """The shell commands among `lines`, without comments and indentation."""
+    commands = [line.split("  #")[0].strip() for line in lines]
+    return [command for command in commands if command and not command.startswith("#")]
+
+
+def test_the_units_install_steps_are_the_readmes() -> None:
+    readme = (UNIT.parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Install on a real box", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    wanted = [line for line in _commands(block.splitlines()) if not line.startswith(("cd ", "journalctl"))]
+    wanted = [line for line in wanted if line != "zkdingsync status"]
+    unit = UNIT.read_text(encoding="utf-8").split("# Install (once)", 1)[1].split("\n#\n", 1)[0]
+    steps = [line.removeprefix("#").strip() for line in unit.splitlines()[1:]]
+    assert steps == wanted

@@ -76,6 +76,20 @@ def advise(config: Config) -> list[str]:
     return warnings
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Signal the daemon to re-read its configuration; exit 0 once applied, 78 when it was rejected."""
+    from zkdingsync.reload import RUNTIME_ENV_VAR, answer_path, request_reload
+
+    path = answer_path()
+    if path is None:
+        raise UserError(
+            f"${RUNTIME_ENV_VAR} is not set: the daemon answers reloads only under systemd "
+            "(use `systemctl reload zkdingsync`)"
+        )
+    print(request_reload(args.pid, path, timeout_seconds=args.timeout))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Show per-terminal and per-delivery-state figures from the store."""
     from zkdingsync.status import status_command
@@ -268,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
         "check the configuration",
         "Check the configuration file. Exit 0 and print a summary when valid; otherwise print every "
         "problem with its line and key on stderr and exit 78.",
+    )
+    reload = command(
+        "reload",
+        cmd_reload,
+        "make the running daemon re-read its configuration",
+        "Send SIGHUP to the daemon and wait for its answer: exit 0 when the new configuration is applied, "
+        "78 with its problems when the daemon rejected it and kept the previous one. The unit's ExecReload= "
+        "runs it, so that `systemctl reload zkdingsync` reports a broken file.",
+    )
+    reload.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
+    reload.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (default 60)",
     )
     status = command(
         "status",

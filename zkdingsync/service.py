@@ -33,6 +33,8 @@ from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, utc_now
 from zkdingsync.poller import Poller
+from zkdingsync.reload import ReloadAnswer, answer_path, publish
+from zkdingsync.status_line import StatusLine
 from zkdingsync.store import Store
 
 log = structlog.get_logger(__name__)
@@ -156,6 +158,13 @@ class Daemon:
             alert=self.notifier.notify if self.notifier else None,
         )
         self.poller = Poller.from_config(config, store=self.store, on_new_punches=self.forwarder.wake)
+        self.status_line = StatusLine(
+            self.store,
+            self.forwarder,
+            lambda: [device.name for device in self.config.devices],
+            clock=clock,
+            every_seconds=STATUS_EVERY_SECONDS,
+        )
         self._threads: list[threading.Thread] = []
         self.crashed = False  # a worker thread died of a bug: exit 1 so that systemd restarts us
 
@@ -188,7 +197,7 @@ class Daemon:
         summary = _Summary(time.monotonic(), *self._totals())
         interval = systemd.watchdog_interval()
         under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
-        status_due = alerts_due = 0.0
+        alerts_due = 0.0
         store_failing = False
         while not self.signals.stop.is_set():
             self.signals.wake.wait(min(TICK_SECONDS, interval / 2) if interval else TICK_SECONDS)
@@ -198,10 +207,8 @@ class Daemon:
                 self.reload()
             systemd.watchdog()
             try:
-                if under_systemd and time.monotonic() >= status_due:
-                    # Counting states reads an index of every punch: every few seconds, not every tick.
-                    systemd.status(self.status_line())
-                    status_due = time.monotonic() + STATUS_EVERY_SECONDS
+                if under_systemd:
+                    self.status_line.tick()
                 if self.watch is not None and time.monotonic() >= alerts_due:
                     self._alert()
                     if self.daily_report is not None:
@@ -238,8 +245,10 @@ class Daemon:
         return 1 if self.crashed else 0
 
     def reload(self) -> None:
-        """Re-read the configuration and apply it; keep the old one if the new one is invalid."""
+        """Re-read the configuration and apply it; keep the old one if the new one is invalid. Answer
+        `zkdingsync reload` (the unit's ExecReload=) either way."""
         systemd.reloading()
+        started = time.monotonic()
         try:
             # The store is already open: whether its directory is writable right now is not the config's
             # problem (a full disk must not block a reload).
@@ -247,6 +256,7 @@ class Daemon:
         except ConfigError as error:
             log.error("config.reload_rejected", problems=error.problems, kept="previous configuration")
             systemd.ready()
+            self._answer(ReloadAnswer(os.getpid(), started, applied=False, problems=tuple(error.problems)))
             return
         if new.store.path != self.config.store.path:
             log.warning("config.reload_store_path_ignored", kept=str(self.config.store.path))
@@ -260,6 +270,17 @@ class Daemon:
         self.config = new
         log.info("config.reloaded", terminals=len(new.devices))
         systemd.ready()
+        self._answer(ReloadAnswer(os.getpid(), started, applied=True))
+
+    def _answer(self, answer: ReloadAnswer) -> None:
+        """Tell a waiting `zkdingsync reload` how the reload went (under systemd: RuntimeDirectory=)."""
+        path = answer_path()
+        if path is None:
+            return
+        try:
+            publish(answer, path)
+        except OSError as error:
+            log.warning("config.reload_unanswered", path=str(path), error=error.strerror or str(error))
 
     def _alert(self) -> None:
         """Tell the group robot about terminals down for long, newly parked punches, clock drift."""
@@ -275,15 +296,6 @@ class Daemon:
         )
         for message in messages:
             self.notifier.notify(message)
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS=: terminals up, pending and parked punches."""
-        checkpoints = {c.device: c for c in self.store.checkpoints()}
-        names = [device.name for device in self.config.devices]
-        ok = sum(1 for name in names if name in checkpoints and checkpoints[name].down_since is None)
-        counts = self.store.delivery_counts()
-        pending = counts[Delivery.PENDING] + counts[Delivery.IN_FLIGHT]
-        return f"{ok}/{len(names)} terminals ok, {pending} pending, {counts[Delivery.PARKED]} parked"
 
     def _totals(self) -> tuple[int, int]:
         """(delivered, stored) punches so far: both only grow, so differences make the summary."""
