@@ -184,10 +184,11 @@ class Run:
     def reset(self) -> str:
         """Undo an earlier run in the cached root file system."""
         self.box.sh(
-            "systemctl stop zkdingsync zkds-simulator zkds-dingtalk 2>/dev/null; "
-            "systemctl disable zkdingsync 2>/dev/null; systemctl reset-failed 2>/dev/null; "
+            "systemctl stop zkdingsync zkdingsync-backup.timer zkds-simulator zkds-dingtalk 2>/dev/null; "
+            "systemctl disable zkdingsync zkdingsync-backup.timer 2>/dev/null; "
+            "systemctl reset-failed 2>/dev/null; "
             "rm -rf /opt/zkdingsync /etc/zkdingsync /var/lib/zkdingsync /usr/local/bin/zkdingsync "
-            f"/etc/systemd/system/zkdingsync.service {SOURCE}; "
+            f"/etc/systemd/system/zkdingsync.service /etc/systemd/system/zkdingsync-backup.* {SOURCE}; "
             "id zkdingsync >/dev/null 2>&1 && userdel zkdingsync; systemctl daemon-reload; "
             "command -v make >/dev/null || (apt-get update -qq && apt-get install -y -qq make >/dev/null)"
         )
@@ -431,7 +432,7 @@ class Run:
         )
 
     def clean_up(self) -> None:
-        self.box.run("systemctl stop zkdingsync zkds-simulator zkds-dingtalk")
+        self.box.run("systemctl stop zkdingsync zkdingsync-backup.timer zkds-simulator zkds-dingtalk")
 
 
 def main(argv: list[str] | None = None) -> int:
