@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Protocol
 
 from zkdingsync import systemd
-from zkdingsync.redaction import redact_text
 from zkdingsync.model import Delivery
+from zkdingsync.redaction import redact_text
 
 _NAMES_SHOWN = 3  # terminals named in "N terminals down: ..." before "and N more"
 
