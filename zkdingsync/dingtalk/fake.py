@@ -27,10 +27,7 @@ and with Nagle plus the client's delayed ACK that costs ~40 ms per keep-alive re
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import signal
 import socket
@@ -38,11 +35,8 @@ import struct
 import sys
 import threading
 import time
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -50,84 +44,61 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
-DEFAULT_APP_KEY = "fake-app-key"
-DEFAULT_APP_SECRET = "fake-app-secret"  # noqa: S105 - a test credential of a fake server
-WINDOW_MS = 180 * 24 * 3600 * 1000
-SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
-ROBOT_PER_MINUTE = 20
-
-# Endpoint names used to scope faults.
-GETTOKEN = "gettoken"
-UPLOAD = "upload"
-LIST_RECORD = "list_record"
-LIST_SUB_DEPARTMENTS = "listsubid"
-LIST_USERS = "user_list"
-ROBOT = "robot"
-ANY = "*"
-
-_ROUTES = {
-    "/gettoken": GETTOKEN,
-    "/topapi/attendance/record/upload": UPLOAD,
-    "/attendance/listRecord": LIST_RECORD,
-    "/topapi/v2/department/listsubid": LIST_SUB_DEPARTMENTS,
-    "/topapi/v2/user/list": LIST_USERS,
-    "/robot/send": ROBOT,
-}
-_TOPAPI = frozenset({UPLOAD, LIST_SUB_DEPARTMENTS, LIST_USERS})
-
-_HTML_PAGE = (
-    "<!DOCTYPE html><html><head><title>访问受限</title></head>"
-    "<body><h1>您的访问过于频繁，请稍后再试</h1></body></html>"
+from zkdingsync.dingtalk.fake_api import (
+    ANY,
+    DEFAULT_APP_KEY,
+    DEFAULT_APP_SECRET,
+    GETTOKEN,
+    LIST_RECORD,
+    LIST_SUB_DEPARTMENTS,
+    LIST_USERS,
+    ROBOT,
+    ROUTES,
+    UPLOAD,
+    FakeApi,
+    FakeSettings,
+    FakeState,
+    Fault,
+    Reply,
+    fault_reply,
+    json_reply,
+    parse_body,
+    take_fault,
 )
 
-
-@dataclass
-class Fault:
-    """One way to misbehave, for the next `remaining` matching calls (None: until cleared)."""
-
-    kind: str  # errcode | http | html | ban | hang | reset | slow | garbage
-    endpoint: str = UPLOAD
-    remaining: int | None = 1
-    userid: str | None = None
-    errcode: int = 0
-    sub_code: str | None = None
-    errmsg: str = ""
-    status: int = 200
-    delay_seconds: float = 0.0
-    accept: bool = True  # hang/reset on an upload: record it first (DingTalk took it, the answer is lost)
-
-    def matches(self, endpoint: str, userid: str | None) -> bool:
-        if self.remaining is not None and self.remaining <= 0:
-            return False
-        if self.endpoint not in (ANY, endpoint):
-            return False
-        return self.userid is None or self.userid == userid
+__all__ = [
+    "ANY",
+    "DEFAULT_APP_KEY",
+    "DEFAULT_APP_SECRET",
+    "GETTOKEN",
+    "LIST_RECORD",
+    "LIST_SUB_DEPARTMENTS",
+    "LIST_USERS",
+    "ROBOT",
+    "UPLOAD",
+    "FakeDingTalk",
+    "Fault",
+    "main",
+    "serve_forever",
+]
 
 
-@dataclass
-class _Reply:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json;charset=UTF-8"
-    hang: bool = False
-    reset: bool = False
-
-
-@dataclass
-class _State:
-    users: dict[str, str | None]
-    departments: dict[int, list[int]]
-    user_departments: dict[str, list[int]]
-    tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (fake clock, epoch s)
-    uploads: list[dict[str, Any]] = field(default_factory=list)
-    robot_messages: list[dict[str, Any]] = field(default_factory=list)
-    faults: list[Fault] = field(default_factory=list)
-    calls: Counter[str] = field(default_factory=Counter)
-    throttled: int = 0
-    upload_arrivals: deque[float] = field(default_factory=deque)
-    robot_sends: deque[float] = field(default_factory=deque)
-    reject_tokens: bool = False
-    record_id: int = 43_047_156_750
+# What `POST /_fake/control` may call (the fault and token methods of FakeDingTalk).
+_CONTROL_ACTIONS = frozenset(
+    {
+        "fail_next",
+        "http_error_next",
+        "html_next",
+        "ban_next",
+        "garbage_next",
+        "hang_next",
+        "reset_next",
+        "slow_next",
+        "invalidate_tokens",
+        "reject_all_tokens",
+        "clear_faults",
+    }
+)
 
 
 class FakeDingTalk:
@@ -158,27 +129,40 @@ class FakeDingTalk:
         `clock` (epoch seconds) decides token expiry and the upload time window.
         """
         user_map = dict(users) if isinstance(users, Mapping) else dict.fromkeys(users)
-        self.app_key = app_key
-        self.app_secret = app_secret
+        self.settings = FakeSettings(
+            app_key,
+            app_secret,
+            qps_limit,
+            token_ttl_seconds,
+            robot_token,
+            robot_secret,
+            ZoneInfo(org_timezone),
+            future_tolerance_seconds,
+            clock,
+        )
         self.latency_seconds = latency_seconds
-        self.qps_limit = qps_limit
-        self.token_ttl_seconds = token_ttl_seconds
-        self.robot_token = robot_token
-        self.robot_secret = robot_secret
-        self.future_tolerance_seconds = future_tolerance_seconds
         self.hang_seconds = hang_seconds
-        self._zone = ZoneInfo(org_timezone)
-        self._clock = clock
         self._port = port
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._state = _State(
+        self._state = FakeState(
             users=user_map,
             departments={int(k): [int(c) for c in v] for k, v in (departments or {1: []}).items()},
             user_departments={k: list(v) for k, v in (user_departments or {}).items()},
         )
+        self._api = FakeApi(self.settings, self._state, self._lock)
+
+    @property
+    def app_key(self) -> str:
+        """The app key gettoken accepts."""
+        return self.settings.app_key
+
+    @property
+    def app_secret(self) -> str:
+        """The app secret gettoken accepts."""
+        return self.settings.app_secret
 
     # ------------------------------------------------------------------ life cycle
 
@@ -278,7 +262,7 @@ class FakeDingTalk:
     def add_upload(self, userid: str, user_check_time_ms: int, device_id: str, device_name: str = "") -> None:
         """Record a punch as if it had been uploaded earlier (for read-back tests)."""
         with self._lock:
-            self._accept(
+            self._api.accept(
                 {"userid": userid, "device_id": device_id, "device_name": device_name or device_id},
                 user_check_time_ms,
                 "seeded",
@@ -352,290 +336,55 @@ class FakeDingTalk:
 
     # ------------------------------------------------------------------ request handling
 
-    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> _Reply:
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply:
         """Answer one request (called by the handler threads)."""
         parts = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         if parts.path.startswith("/_fake/"):
             return self._control(method, parts.path, body)
-        endpoint = _ROUTES.get(parts.path)
+        endpoint = ROUTES.get(parts.path)
         if endpoint is None:
-            return _Reply(404, b"<html><body>404 Not Found</body></html>", "text/html")
-        payload = _parse_body(headers.get("Content-Type", ""), body)
+            return Reply(404, b"<html><body>404 Not Found</body></html>", "text/html")
+        payload = parse_body(headers.get("Content-Type", ""), body)
         userid = (
             str(payload.get("userid")) if endpoint == UPLOAD and payload.get("userid") is not None else None
         )
         with self._lock:
             self._state.calls[endpoint] += 1
-            fault = self._take_fault(endpoint, userid)
+            fault = take_fault(self._state.faults, endpoint, userid)
         if fault is not None and fault.kind not in ("slow", "hang", "reset"):
-            return _fault_reply(fault)
+            return fault_reply(fault)
         if fault is not None and fault.kind == "slow":
             self._closing.wait(fault.delay_seconds)
         if fault is not None and fault.kind in ("hang", "reset") and not fault.accept:
-            return _Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
-        if endpoint == GETTOKEN:
-            reply = self._gettoken(query)
-        elif endpoint == ROBOT:
-            reply = self._robot(query, payload)
-        else:
-            reply = self._authenticated(endpoint, query, payload)
+            return Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
+        reply = self._api.answer(endpoint, query, payload)
         if fault is not None and fault.kind in ("hang", "reset"):
-            return _Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
+            return Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
         if self.latency_seconds:
             self._closing.wait(self.latency_seconds)
         return reply
 
-    def _take_fault(self, endpoint: str, userid: str | None) -> Fault | None:
-        for fault in self._state.faults:
-            if fault.matches(endpoint, userid):
-                if fault.remaining is not None:
-                    fault.remaining -= 1
-                return fault
-        return None
-
-    def _gettoken(self, query: Mapping[str, str]) -> _Reply:
-        appkey, appsecret = query.get("appkey", ""), query.get("appsecret", "")
-        if not appkey or not appsecret:
-            return _json({"errcode": 40035, "errmsg": "缺少参数 appkey/appsecret"})
-        if appkey != self.app_key or appsecret != self.app_secret:
-            return _json({"errcode": 40096, "errmsg": "不合法的appKey或appSecret"})
-        now = self._clock()
-        with self._lock:
-            tokens = self._state.tokens
-            for token, expires in list(tokens.items()):
-                if expires <= now:
-                    del tokens[token]
-            if tokens:  # asking again while valid returns the same token
-                token, expires = next(iter(tokens.items()))
-            else:
-                token, expires = uuid.uuid4().hex, now + self.token_ttl_seconds
-                tokens[token] = expires
-        return _json({"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": int(expires - now)})
-
-    def _token_problem(self, endpoint: str, token: str) -> _Reply | None:
-        now = self._clock()
-        with self._lock:
-            valid = not self._state.reject_tokens and self._state.tokens.get(token, 0.0) > now
-        if valid:
-            return None
-        sub_code, sub_msg = ("40000", "access_token为空") if not token else ("40014", "不合法的access_token")
-        if endpoint in _TOPAPI:
-            return _json(
-                {
-                    "errcode": 88,
-                    "sub_code": sub_code,
-                    "sub_msg": sub_msg,
-                    "errmsg": f"ding talk error[subcode={sub_code},submsg={sub_msg}]",
-                    "request_id": _request_id(),
-                }
-            )
-        return _json({"errcode": int(sub_code) if token else 40014, "errmsg": sub_msg})
-
-    def _authenticated(self, endpoint: str, query: Mapping[str, str], payload: Mapping[str, Any]) -> _Reply:
-        problem = self._token_problem(endpoint, query.get("access_token", ""))
-        if problem is not None:
-            return problem
-        if endpoint == UPLOAD:
-            return self._upload(payload)
-        if endpoint == LIST_RECORD:
-            return self._list_record(payload)
-        if endpoint == LIST_SUB_DEPARTMENTS:
-            return self._list_sub_departments(payload)
-        return self._list_users(payload)
-
-    def _upload(self, payload: Mapping[str, Any]) -> _Reply:
-        if self.qps_limit is not None:
-            now = time.monotonic()
-            with self._lock:
-                arrivals = self._state.upload_arrivals
-                while arrivals and arrivals[0] <= now - 1.0:
-                    arrivals.popleft()
-                if len(arrivals) >= self.qps_limit:
-                    self._state.throttled += 1
-                    return _json(
-                        {
-                            "errcode": 90018,
-                            "errmsg": "您的服务器调用钉钉开放平台当前接口的所有请求都被暂时禁用了",
-                        }
-                    )
-                arrivals.append(now)
-        userid = payload.get("userid")
-        with self._lock:
-            known = isinstance(userid, str) and userid in self._state.users
-        if not known:
-            return _json({"errcode": 60121, "errmsg": "找不到该用户", "request_id": _request_id()})
-        for name in ("device_id", "device_name"):
-            value = payload.get(name)
-            if not isinstance(value, str) or not value.strip():
-                return _invalid(f"{name} is required")
-        check_time = _as_int(payload.get("user_check_time"))
-        if check_time is None:
-            return _invalid("user_check_time must be an integer of epoch milliseconds")
-        now_ms = int(self._clock() * 1000)
-        if check_time > now_ms + int(self.future_tolerance_seconds * 1000):
-            return _invalid("user_check_time is in the future")
-        if check_time < now_ms - WINDOW_MS:
-            return _invalid("user_check_time is older than 180 days")
-        request_id = _request_id()
-        with self._lock:
-            self._accept(payload, check_time, "upload", request_id)
-        return _json({"errcode": 0, "errmsg": "ok", "success": True, "request_id": request_id})
-
-    def _accept(
-        self, payload: Mapping[str, Any], check_time: int, how: str, request_id: str | None = None
-    ) -> None:
-        """Record an accepted upload (with the request_id its answer carried); the caller holds the lock."""
-        self._state.record_id += 1
-        self._state.uploads.append(
-            {
-                "userid": payload["userid"],
-                "device_id": payload["device_id"],
-                "device_name": payload["device_name"],
-                "user_check_time": check_time,
-                "record_id": self._state.record_id,
-                "request_id": request_id,
-                "how": how,
-            }
-        )
-
-    def _list_record(self, payload: Mapping[str, Any]) -> _Reply:
-        userids = payload.get("userIds")
-        if not isinstance(userids, list) or not userids or len(userids) > 50:
-            return _invalid("userIds must list 1 to 50 users")
-        try:
-            start = self._org_ms(str(payload.get("checkDateFrom")))
-            end = self._org_ms(str(payload.get("checkDateTo")))
-        except ValueError:
-            return _invalid("checkDateFrom/checkDateTo must be yyyy-MM-dd HH:mm:ss")
-        if end < start or end - start > SEVEN_DAYS_MS:
-            return _invalid("the window must be at most 7 days")
-        if start < int(self._clock() * 1000) - WINDOW_MS - 24 * 3600 * 1000:
-            return _invalid("the window must be within the last 180 days")
-        wanted = {str(u) for u in userids}
-        with self._lock:
-            found = [
-                u
-                for u in self._state.uploads
-                if u["userid"] in wanted and start <= u["user_check_time"] <= end
-            ]
-        records = [
-            {
-                "userId": u["userid"],
-                "userCheckTime": u["user_check_time"],
-                "sourceType": "ATM",
-                "userAddress": u["device_name"],
-                "deviceId": u["device_id"],
-                "checkType": "OnDuty",
-                "timeResult": "Normal",
-                "locationResult": "Normal",
-                "isLegal": "Y",
-                "id": u["record_id"],
-                "corpId": "dingfake",
-            }
-            for u in found
-        ]
-        return _json({"errcode": 0, "errmsg": "ok", "recordresult": records})
-
-    def _org_ms(self, text: str) -> int:
-        local = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=self._zone)
-        return int(local.timestamp()) * 1000
-
-    def _list_sub_departments(self, payload: Mapping[str, Any]) -> _Reply:
-        dept = _as_int(payload.get("dept_id"))
-        with self._lock:
-            children = None if dept is None else self._state.departments.get(dept)
-        if children is None:
-            return _json({"errcode": 60003, "errmsg": "部门不存在", "request_id": _request_id()})
-        return _json({"errcode": 0, "errmsg": "ok", "result": {"dept_id_list": list(children)}})
-
-    def _list_users(self, payload: Mapping[str, Any]) -> _Reply:
-        dept = _as_int(payload.get("dept_id"))
-        cursor = _as_int(payload.get("cursor")) or 0
-        size = _as_int(payload.get("size")) or 0
-        if not 1 <= size <= 100:
-            return _invalid("size must be 1 to 100")
-        with self._lock:
-            if dept is None or dept not in self._state.departments:
-                return _json({"errcode": 60003, "errmsg": "部门不存在"})
-            members = sorted(
-                userid
-                for userid in self._state.users
-                if dept in self._state.user_departments.get(userid, [1])
-            )
-            page = members[cursor : cursor + size]
-            people = [
-                {
-                    "userid": userid,
-                    "name": f"user {userid}",
-                    "job_number": self._state.users[userid] or "",
-                    "active": True,
-                }
-                for userid in page
-            ]
-        has_more = cursor + size < len(members)
-        result: dict[str, Any] = {"has_more": has_more, "list": people}
-        if has_more:
-            result["next_cursor"] = cursor + size
-        return _json({"errcode": 0, "errmsg": "ok", "result": result})
-
-    def _robot(self, query: Mapping[str, str], payload: Mapping[str, Any]) -> _Reply:
-        if self.robot_token is not None and query.get("access_token") != self.robot_token:
-            return _json({"errcode": 300005, "errmsg": "token is not exist"})
-        if self.robot_secret is not None:
-            timestamp = _as_int(query.get("timestamp"))
-            now_ms = int(self._clock() * 1000)
-            if timestamp is None or abs(now_ms - timestamp) > 3600 * 1000:
-                return _json({"errcode": 310000, "errmsg": "invalid timestamp"})
-            digest = hmac.new(
-                self.robot_secret.encode(), f"{timestamp}\n{self.robot_secret}".encode(), hashlib.sha256
-            ).digest()
-            if not hmac.compare_digest(base64.b64encode(digest).decode(), query.get("sign", "")):
-                return _json({"errcode": 310000, "errmsg": "sign not match"})
-        if payload.get("msgtype") not in ("text", "markdown"):
-            return _json({"errcode": 40035, "errmsg": "缺少参数 msgtype"})
-        now = time.monotonic()
-        with self._lock:
-            sends = self._state.robot_sends
-            while sends and sends[0] <= now - 60.0:
-                sends.popleft()
-            if len(sends) >= ROBOT_PER_MINUTE:
-                return _json({"errcode": 130101, "errmsg": "send too fast, exceed 20 times per minute"})
-            sends.append(now)
-            self._state.robot_messages.append(dict(payload))
-        return _json({"errcode": 0, "errmsg": "ok"})
-
-    def _control(self, method: str, path: str, body: bytes) -> _Reply:
+    def _control(self, method: str, path: str, body: bytes) -> Reply:
         """The control API for other processes: GET /_fake/uploads, POST /_fake/control."""
         if method == "GET" and path == "/_fake/uploads":
-            return _json({"uploads": self.uploads, "calls": dict(self.calls), "throttled": self.throttled})
+            return json_reply(
+                {"uploads": self.uploads, "calls": dict(self.calls), "throttled": self.throttled}
+            )
         if method == "POST" and path == "/_fake/control":
             try:
                 command = json.loads(body or b"{}")
                 action = command.pop("action")
             except (ValueError, KeyError, AttributeError):
-                return _json({"ok": False, "error": 'expected {"action": ..., ...}'}, 400)
-            allowed = {
-                "fail_next",
-                "http_error_next",
-                "html_next",
-                "ban_next",
-                "garbage_next",
-                "hang_next",
-                "reset_next",
-                "slow_next",
-                "invalidate_tokens",
-                "reject_all_tokens",
-                "clear_faults",
-            }
-            if action not in allowed:
-                return _json({"ok": False, "error": f"unknown action {action!r}"}, 400)
+                return json_reply({"ok": False, "error": 'expected {"action": ..., ...}'}, 400)
+            if action not in _CONTROL_ACTIONS:
+                return json_reply({"ok": False, "error": f"unknown action {action!r}"}, 400)
             try:
                 getattr(self, action)(**command)
             except TypeError as error:
-                return _json({"ok": False, "error": str(error)}, 400)
-            return _json({"ok": True})
-        return _json({"ok": False, "error": "unknown control path"}, 404)
+                return json_reply({"ok": False, "error": str(error)}, 400)
+            return json_reply({"ok": True})
+        return json_reply({"ok": False, "error": "unknown control path"}, 404)
 
 
 # ---------------------------------------------------------------------- HTTP plumbing
@@ -715,62 +464,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
         self.wfile.write(reply.body)
-
-
-def _parse_body(content_type: str, body: bytes) -> dict[str, Any]:
-    if not body:
-        return {}
-    text = body.decode("utf-8", "replace")
-    if "json" in content_type or text.lstrip().startswith("{"):
-        try:
-            decoded = json.loads(text)
-        except ValueError:
-            return {}
-        return decoded if isinstance(decoded, dict) else {}
-    return {key: values[-1] for key, values in parse_qs(text, keep_blank_values=True).items()}
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def _request_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def _json(payload: Mapping[str, Any], status: int = 200) -> _Reply:
-    return _Reply(status, json.dumps(payload, ensure_ascii=False).encode())
-
-
-def _invalid(message: str) -> _Reply:
-    return _json({"errcode": 400002, "errmsg": f"参数错误: {message}", "request_id": _request_id()})
-
-
-def _fault_reply(fault: Fault) -> _Reply:
-    if fault.kind == "errcode":
-        payload: dict[str, Any] = {
-            "errcode": fault.errcode,
-            "errmsg": fault.errmsg,
-            "request_id": _request_id(),
-        }
-        if fault.sub_code is not None:
-            payload["sub_code"] = fault.sub_code
-            payload["sub_msg"] = fault.errmsg
-        return _json(payload)
-    if fault.kind == "http":
-        page = f"<html><body><h1>{fault.status}</h1></body></html>".encode()
-        return _Reply(fault.status, page, "text/html")
-    if fault.kind == "html":
-        return _Reply(fault.status, _HTML_PAGE.encode(), "text/html;charset=UTF-8")
-    if fault.kind == "ban":
-        return _json({"status": 1111, "wait": 5, "punish": "deny", "msg": "访问过于频繁"}, fault.status)
-    return _Reply(200, b"\x00not json\xff", "application/octet-stream")
 
 
 # ---------------------------------------------------------------------- running it from another process
