@@ -13,10 +13,10 @@ import openpyxl
 import pytest
 
 from zkdingsync.cli import main
-from zkdingsync.export.columns import clean_text
+from zkdingsync.export.columns import RowMaker, clean_text
 from zkdingsync.export.command import Progress
 from zkdingsync.model import Punch
-from zkdingsync.store import Store
+from zkdingsync.store import ExportedPunch, Store
 
 CONFIG = """\
 dingtalk:
@@ -244,3 +244,40 @@ def test_progress_line_is_redrawn_at_most_twice_a_second() -> None:
     progress.update(500)
     progress.finish(1000)
     assert out.getvalue() == "\rexported 1 of 1000 punches (0%)\rexported 500 of 1000 punches (50%)\r\x1b[K"
+
+
+def test_names_come_from_the_terminal_first_then_the_dingtalk_directory() -> None:
+    maker = RowMaker(
+        zone=timezone.utc,
+        device_zones={},
+        terminal_names={("SN-1", "1001"): "张三"},
+        directory_names={"alice": "Alice (directory)", "bob": "Bob (directory)"},
+    )
+
+    def name_of(enroll: str, userid: str | None) -> object:
+        exported = ExportedPunch(
+            device="gone",
+            serial="SN-1",
+            enroll_number=enroll,
+            local_time="2026-03-01 08:00:00",
+            punch_state=7,
+            verify_mode=99,
+            check_time_ms=None,
+            stored_at=POLLED,
+            delivery="history",
+            reason=None,
+            delivered_at=None,
+            userid=userid,
+            outcome_unknown=False,
+            request_id=None,
+            record_id=None,
+        )
+        row = maker.row(exported)
+        assert row[6] is None  # neither a configured zone nor a moment to derive an offset from
+        assert row[7:9] == ["other 其他 (7)", "other 其他 (99)"]
+        assert row[10] == "history 历史"
+        return row[3]
+
+    assert name_of("1001", "alice") == "张三"
+    assert name_of("1002", "bob") == "Bob (directory)"
+    assert name_of("1003", None) is None

@@ -22,7 +22,7 @@ from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
-from zkdingsync.model import Delivery, Punch
+from zkdingsync.model import Delivery, Directory, Punch
 from zkdingsync.store import Store
 
 SERIAL = "ZK-SN123"
@@ -142,10 +142,10 @@ class GatedSource:
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def list_job_numbers(self) -> dict[str, str]:
+    def list_directory(self) -> Directory:
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
-        return self.client.list_job_numbers()
+        return self.client.list_directory()
 
 
 def test_a_slow_job_number_walk_does_not_hold_delivery_back(store: Store) -> None:

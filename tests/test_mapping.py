@@ -12,6 +12,7 @@ import structlog
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_USERS, FakeDingTalk
 from zkdingsync.mapping import UserMapper, unmapped_reason
+from zkdingsync.model import Directory
 from zkdingsync.store import Store
 
 
@@ -138,12 +139,15 @@ def test_a_failed_refresh_keeps_the_cache_and_logs_once(fake: FakeDingTalk, stor
 
 def test_ambiguous_leading_zero_numbers_need_an_exact_match() -> None:
     class Source:
-        def list_job_numbers(self) -> dict[str, str]:
-            return {"007": "agent-a", "7": "agent-b", "0100": "c"}
+        def list_directory(self) -> Directory:
+            return Directory({"007": "agent-a", "7": "agent-b", "0100": "c"}, {})
 
     class Cache:
         def replace_job_numbers(self, mapping: object, *, at: datetime) -> None:
             self.saved = mapping
+
+        def save_directory_names(self, names: object) -> None:
+            self.names = names
 
         def job_numbers(self) -> dict[str, str]:
             return {}
@@ -182,3 +186,15 @@ def test_reload_updates_the_map_and_forgets_fixed_numbers(fake: FakeDingTalk, st
     assert [e["event"] for e in events].count("mapping.unmapped") == 3
     with pytest.raises(ValueError, match="match_job_number"):
         UserMapper({}).update({}, match_job_number=True)
+
+
+def test_a_refresh_keeps_the_directory_names_for_the_export(fake: FakeDingTalk, store: Store) -> None:
+    mapper = job_mapper(fake, store, Clock())
+    assert mapper.refresh() == 2
+    terminal_names, directory_names = store.employee_names()
+    assert terminal_names == {}
+    assert directory_names == {
+        "manager4220": "user manager4220",
+        "clerk7": "user clerk7",
+        "boss": "user boss",
+    }

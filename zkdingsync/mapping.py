@@ -22,7 +22,7 @@ from typing import Protocol
 import structlog
 
 from zkdingsync.errors import StoreError, ZkdingsyncError
-from zkdingsync.model import utc_now
+from zkdingsync.model import Directory, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -32,19 +32,21 @@ DEFAULT_RETRY = timedelta(minutes=10)
 
 
 class JobNumberSource(Protocol):
-    """Where the job number table comes from (the DingTalk client)."""
+    """Where the job number table (and the directory's names) come from (the DingTalk client)."""
 
-    def list_job_numbers(self) -> dict[str, str]: ...
+    def list_directory(self) -> Directory: ...
 
 
 class JobNumberCache(Protocol):
-    """Where the job number table is kept (the store)."""
+    """Where the job number table and the directory's names are kept (the store)."""
 
     def replace_job_numbers(self, mapping: Mapping[str, str], *, at: datetime) -> None: ...
 
     def job_numbers(self) -> dict[str, str]: ...
 
     def job_numbers_updated_at(self) -> datetime | None: ...
+
+    def save_directory_names(self, names: Mapping[str, str]) -> None: ...
 
 
 def unmapped_reason(enroll_number: str) -> str:
@@ -194,7 +196,8 @@ class UserMapper:
         if self._source is None or self._cache is None:
             raise ValueError("job number matching is not configured")
         with self._refresh_lock:
-            mapping = self._source.list_job_numbers()
+            directory = self._source.list_directory()
+            mapping = directory.job_numbers
             now = self._clock()
             with self._lock:
                 self._refresh_wanted = False
@@ -205,6 +208,7 @@ class UserMapper:
             self._updated_at = now
             log.info("mapping.refreshed", job_numbers=len(mapping), recovered=recovered)
             self._cache.replace_job_numbers(mapping, at=now)
+            self._cache.save_directory_names(directory.names)  # for HR's export
         return len(mapping)
 
     def _install(self, mapping: Mapping[str, str]) -> None:

@@ -8,6 +8,7 @@ still has to be stored and shown.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -121,6 +122,15 @@ class Outcome:
     wait_seconds: float = 0.0
     code: str | None = None  # DingTalk's errcode / sub_code, when there was one
     request_id: str | None = None  # DingTalk's request_id of the answer (kept for delivered punches)
+
+
+@dataclass(frozen=True)
+class Directory:
+    """What the DingTalk directory says about its users: job number (工号) -> userid, for the users whose
+    job number is unambiguous, and userid -> name (shown in HR's export)."""
+
+    job_numbers: Mapping[str, str]
+    names: Mapping[str, str]
 
 
 @dataclass(frozen=True)

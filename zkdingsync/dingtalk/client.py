@@ -44,7 +44,7 @@ from dingtalk.core.exceptions import DingTalkClientException
 from requests.adapters import HTTPAdapter
 
 from zkdingsync.errors import StoreError, ZkdingsyncError
-from zkdingsync.model import Outcome, OutcomeKind, Upload, utc_now
+from zkdingsync.model import Directory, Outcome, OutcomeKind, Upload, utc_now
 from zkdingsync.quota import call_month
 from zkdingsync.redaction import redact_text
 
@@ -64,6 +64,7 @@ MAX_READ_BACK_SPAN = timedelta(days=7)
 # How far back DingTalk accepts an upload or a read-back.
 DINGTALK_WINDOW = timedelta(days=180)
 MAX_EVIDENCE_ID = 128  # characters of a request or record id kept; longer is not an id
+MAX_NAME = 64  # characters of a directory name kept
 
 TOKEN_REFRESH_MARGIN = timedelta(minutes=5)
 # Call counts are written to the store in groups (see DingTalkClient._count_call).
@@ -488,12 +489,18 @@ class DingTalkClient:
         return [record for record in records if isinstance(record, dict)]
 
     def list_job_numbers(self) -> dict[str, str]:
-        """Walk every department and return job number (工号) -> userid for every user who has one.
+        """Walk every department and return job number (工号) -> userid (see `list_directory`)."""
+        return dict(self.list_directory().job_numbers)
+
+    def list_directory(self) -> Directory:
+        """Walk every department and return job number (工号) -> userid for every user who has one, and
+        every user's name.
 
         A job number held by two different users is ambiguous and left out (logged). Raise DingTalkError
         when a call fails. Contacts calls do not count against the monthly quota.
         """
         users: dict[str, set[str]] = {}
+        names: dict[str, str] = {}
         seen: set[int] = set()
         queue = [ROOT_DEPARTMENT]
         while queue:
@@ -518,6 +525,9 @@ class DingTalkClient:
                     userid = str(user.get("userid") or "").strip()
                     if job_number and userid:
                         users.setdefault(job_number, set()).add(userid)
+                    name = user.get("name")
+                    if userid and isinstance(name, str) and name.strip():
+                        names[userid] = name.strip()[:MAX_NAME]
                 next_cursor = page.get("next_cursor")
                 cursor = int(next_cursor) if page.get("has_more") and next_cursor is not None else None
         mapping: dict[str, str] = {}
@@ -526,7 +536,7 @@ class DingTalkClient:
                 mapping[job_number] = next(iter(userids))
             else:
                 log.warning("dingtalk.job_number_ambiguous", job_number=job_number, userids=sorted(userids))
-        return mapping
+        return Directory(mapping, names)
 
     def check_credentials(self) -> Outcome:
         """Fetch (or reuse) an access token; DELIVERED when DingTalk accepts the app's credentials."""
