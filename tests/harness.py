@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -24,7 +25,11 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from zkdingsync.dingtalk.client import DingTalkClient
+from zkdingsync.forwarder import Forwarder
+from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Punch
+from zkdingsync.store import Store
 
 # (userid, user_check_time in epoch ms, device_id): how a punch is recognised in DingTalk.
 UploadKey = tuple[str, int, str]
@@ -105,6 +110,28 @@ def sample_punch(
         check_time_ms=None if impossible else 1_764_028_800_000 + n * 1000,
         quarantine_reason=quarantine,
     )
+
+
+def drain_to_fake(store: Store, url: str, users: Mapping[str, str], clock: SteppingClock) -> None:
+    """Deliver everything the store holds to the fake DingTalk at `url` with the real client and forwarder,
+    their waits on `clock` (read-backs 30 s after an unknown outcome); fail if it does not drain."""
+    client = DingTalkClient("fake-app-key", "fake-app-secret", url, 0.3, store=store)
+    forwarder = Forwarder(
+        store,
+        client,
+        UserMapper(users),
+        rate_per_second=1000,
+        concurrency=1,
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(3),
+        settle_delay_seconds=30,
+    )
+    try:
+        with forwarder:
+            assert forwarder.drain(max_steps=200)
+    finally:
+        client.close()
 
 
 class SimulatedCrash(BaseException):

@@ -5,21 +5,17 @@ DingTalk, the real forwarder on a fake clock."""
 from __future__ import annotations
 
 import io
-import random
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from harness import SteppingClock, duplicates, write_config
+from harness import SteppingClock, drain_to_fake, duplicates, write_config
 
 from zkdingsync.backup import backup_command
 from zkdingsync.config import load_config
-from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.forwarder import Forwarder
-from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store
 
@@ -73,21 +69,7 @@ def test_a_restored_backup_reads_dingtalk_back_and_sends_only_what_is_missing(tm
             assert store.adopt_restored_backup(clock()) is None  # once
             assert store.delivery_counts()[Delivery.IN_FLIGHT] == 4
             clock.advance(60)
-            client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 2.0, store=store)
-            forwarder = Forwarder(
-                store,
-                client,
-                UserMapper({"1001": "u1"}),
-                rate_per_second=1000,
-                concurrency=1,
-                clock=clock,
-                sleep=clock.sleep,
-                rng=random.Random(3),
-                settle_delay_seconds=30,
-            )
-            with forwarder:
-                assert forwarder.drain(max_steps=200)
-            client.close()
+            drain_to_fake(store, fake.url, {"1001": "u1"}, clock)
             delivered = store.punches(delivery=Delivery.DELIVERED)
         uploads = list(fake.uploads)
     assert len(delivered) == 4

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import csv
 import io
-import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from harness import SteppingClock
+from harness import SteppingClock, drain_to_fake
 
 from zkdingsync.cli import main
-from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.forwarder import Forwarder
-from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, Punch
 from zkdingsync.store import Store
 
@@ -61,22 +57,8 @@ def test_export_shows_the_request_ids_dingtalk_answered_and_the_record_id_of_a_r
         store.save_poll(
             "lobby", serial=SERIAL, record_count=5, record_size=40, punches=stored, polled_at=clock()
         )
-        client = DingTalkClient("fake-app-key", "fake-app-secret", fake.url, 0.3, store=store)
         fake.hang_next()  # the first upload is taken, its answer never comes: settled by reading back
-        forwarder = Forwarder(
-            store,
-            client,
-            UserMapper({"1001": "u1", "1002": "u2"}),
-            rate_per_second=1000,
-            concurrency=1,
-            clock=clock,
-            sleep=clock.sleep,
-            rng=random.Random(3),
-            settle_delay_seconds=30,
-        )
-        with forwarder:
-            assert forwarder.drain(max_steps=200)
-        client.close()
+        drain_to_fake(store, fake.url, {"1001": "u1", "1002": "u2"}, clock)
         assert store.delivery_counts()[Delivery.DELIVERED] == 5
         uploads = list(fake.uploads)
     assert len(uploads) == 5  # the read-back found the first one: nothing was sent twice
