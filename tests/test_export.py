@@ -281,3 +281,19 @@ def test_names_come_from_the_terminal_first_then_the_dingtalk_directory() -> Non
     assert name_of("1001", "alice") == "张三"
     assert name_of("1002", "bob") == "Bob (directory)"
     assert name_of("1003", None) is None
+
+
+def test_a_full_sheet_continues_on_the_next_under_the_same_header(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("zkdingsync.export.writers.EXCEL_MAX_ROWS", 3)  # a header and two rows a sheet
+    out = config.parent / "sheets.xlsx"
+    assert (
+        main(["export", "-c", str(config), "--from", "2026-02-01", "--to", "2026-03-31", "-o", str(out)]) == 0
+    )
+    book = openpyxl.load_workbook(out)
+    assert book.sheetnames == ["punches", "punches 2", "punches 3", "punches 4"]
+    rows = [[cell.value for cell in row] for sheet in book.worksheets for row in sheet.iter_rows(min_row=2)]
+    assert len(rows) == 7
+    assert all(sheet.cell(row=1, column=3).value == "enroll_number 工号" for sheet in book.worksheets)
+    assert all(sheet.freeze_panes == "A2" for sheet in book.worksheets)
