@@ -57,6 +57,7 @@ class PollConfig:
     interval_seconds: float = 60.0
     timeout_seconds: float = 10.0
     max_concurrency: int = 32
+    max_full_reads: int = 2
     backoff_max_seconds: float = 600.0
     future_tolerance_seconds: float = 600.0
     drift_threshold_seconds: float = 60.0

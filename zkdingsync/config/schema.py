@@ -270,6 +270,15 @@ SCHEMA = Key(
                     maximum=1024,
                 ),
                 Key(
+                    "max_full_reads",
+                    "integer",
+                    "Most whole-log downloads at the same moment (a first start, a log cleared or rotated "
+                    "beyond the tail search, the hourly check); the other terminals' polls go on meanwhile.",
+                    default=2,
+                    minimum=1,
+                    maximum=64,
+                ),
+                Key(
                     "backoff_max_seconds",
                     "number",
                     "Longest wait between retries of a terminal that does not answer.",

@@ -111,8 +111,13 @@ def read_tail(session: Session, known: LogTail, state: TerminalState) -> LogRead
     if found is None:
         start, data = first_range or (0, b"")
         return TailMiss(start, data)
+    users_by_uid: dict[int, str] | None = None
+    if found and needs_user_table(size) and state.users > 0:
+        buffer = session.read_buffer(CMD_USERTEMP_RRQ, FCT_USER, 4 + state.users * _LARGEST_USER)
+        users_by_uid = _users_by_uid(session.device.name, buffer, state.users)
     last = found[-size:] if found else known.last_record
     return LogRead(
+        users_by_uid=users_by_uid,
         state=replace(state, record_count=count),
         downloaded=bool(found),
         record_size=size,
@@ -206,6 +211,14 @@ def _offset_ignored(buffer: bytes, miss: TailMiss | None) -> str:
     return ""
 
 
+def _users_by_uid(name: str, buffer: bytes, users: int) -> dict[int, str]:
+    """The user table as uid -> enroll number (8-byte records name only the uid)."""
+    try:
+        return {user.uid: user.enroll_number for user in parse_user_table(buffer, users)}
+    except RecordFormatError as error:
+        raise TerminalError(name, f"malformed user table: {error}") from error
+
+
 def _parse(
     name: str,
     state: TerminalState,
@@ -226,12 +239,7 @@ def _parse(
             f"is not one of the known record sizes {', '.join(map(str, RECORD_SIZES))}",
         )
     size = body // count
-    users_by_uid: dict[int, str] | None = None
-    if user_buffer is not None:
-        try:
-            users_by_uid = {user.uid: user.enroll_number for user in parse_user_table(user_buffer, users)}
-        except RecordFormatError as error:
-            raise TerminalError(name, f"malformed user table: {error}") from error
+    users_by_uid = None if user_buffer is None else _users_by_uid(name, user_buffer, users)
     view = memoryview(buffer)
     hasher = hashlib.blake2b(digest_size=16)
     first = 0

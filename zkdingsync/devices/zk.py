@@ -176,36 +176,18 @@ def read_log(
     seen: list[TerminalState] = []
     try:
         with _session(device, timeout_seconds, deadline_seconds, cancel) as session:
-            if ensure_enabled:
-                session.zk.enable_device()
-            state = session.read_state(now, details=details)
-            check_count(device.name, state)
-            seen.append(state)
-            if (
-                known_serial is not None
-                and state.serial == known_serial
-                and state.record_count == known_count
-                and not state.log_full
-            ):
-                return LogRead(state=state, downloaded=False)
-            if not details:
-                state = replace(
-                    state,
-                    firmware=str(session.zk.get_firmware_version()),
-                    platform=str(session.zk.get_platform()),
-                )
-            if state.record_count == 0:
-                return LogRead(state=state, downloaded=True, full=True)
-            tail = usable_tail(known_tail, state) if offset_reads and known_count is not None else None
-            miss: TailMiss | None = None
-            if tail is not None:
-                found = read_tail(session, tail, state)
-                if isinstance(found, LogRead):
-                    return found
-                miss = found
-            if not allow_full:
-                return LogRead(state=state, downloaded=False, needs_full=True)
-            return download(session, state, known_digest, miss)
+            return _read_log_in(
+                session,
+                seen,
+                known_serial=known_serial,
+                known_count=known_count,
+                known_digest=known_digest,
+                known_tail=known_tail if offset_reads else None,
+                allow_full=allow_full,
+                ensure_enabled=ensure_enabled,
+                details=details,
+                now=now,
+            )
     except OffsetUnsupported as finding:
         if not allow_full:
             return LogRead(
@@ -228,6 +210,52 @@ def read_log(
             cancel=cancel,
         )
         return replace(whole, offset_reads=False, offset_problem=finding.reason)
+
+
+def _read_log_in(
+    session: Session,
+    seen: list[TerminalState],
+    *,
+    known_serial: str | None,
+    known_count: int | None,
+    known_digest: LogDigest | None,
+    known_tail: LogTail | None,
+    allow_full: bool,
+    ensure_enabled: bool,
+    details: bool,
+    now: Callable[[], datetime],
+) -> LogRead:
+    """The body of `read_log` over an open session; appends the state read to `seen`."""
+    if ensure_enabled:
+        session.zk.enable_device()
+    state = session.read_state(now, details=details)
+    check_count(session.device.name, state)
+    seen.append(state)
+    if (
+        known_serial is not None
+        and state.serial == known_serial
+        and state.record_count == known_count
+        and not state.log_full
+    ):
+        return LogRead(state=state, downloaded=False)
+    if not details:
+        state = replace(
+            state,
+            firmware=str(session.zk.get_firmware_version()),
+            platform=str(session.zk.get_platform()),
+        )
+    if state.record_count == 0:
+        return LogRead(state=state, downloaded=True, full=True)
+    tail = usable_tail(known_tail, state) if known_count is not None else None
+    miss: TailMiss | None = None
+    if tail is not None:
+        found = read_tail(session, tail, state)
+        if isinstance(found, LogRead):
+            return found
+        miss = found
+    if not allow_full:
+        return LogRead(state=state, downloaded=False, needs_full=True)
+    return download(session, state, known_digest, miss)
 
 
 def probe_offset_reads(

@@ -74,20 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="user table layout (default 28 for record sizes 8 and 16, else 72)",
     )
-    parser.add_argument("--capacity", type=int, default=100_000, help="record capacity (default 100000)")
-    parser.add_argument(
-        "--full-log",
-        choices=(FULL_LOG_REFUSE, FULL_LOG_ROTATE),
-        default=FULL_LOG_REFUSE,
-        help="what a full log does with a new punch: refuse it, or rotate (drop the oldest) (default refuse)",
-    )
-    parser.add_argument(
-        "--offset-reads",
-        choices=OFFSET_READS,
-        default=OFFSET_HONOURED,
-        help="how buffered reads treat a start offset: honour it, ignore it (read from 0), send the whole "
-        "buffer, or answer an error (firmware without tail reads) (default honour)",
-    )
+    _add_log_arguments(parser)
     parser.add_argument("--comm-key", type=int, default=0, help="comm key (default 0: none)")
     parser.add_argument(
         "--timezone", default="Asia/Shanghai", help="the terminals' clock zone (default Asia/Shanghai)"
@@ -104,6 +91,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="SECONDS",
         help="each terminal records a punch this often (default 0: never)",
+    )
+
+
+def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options about each terminal's log: capacity, what a full log does, offset reads."""
+    parser.add_argument("--capacity", type=int, default=100_000, help="record capacity (default 100000)")
+    parser.add_argument(
+        "--full-log",
+        choices=(FULL_LOG_REFUSE, FULL_LOG_ROTATE),
+        default=FULL_LOG_REFUSE,
+        help="what a full log does with a new punch: refuse it, or rotate (drop the oldest) (default refuse)",
+    )
+    parser.add_argument(
+        "--offset-reads",
+        choices=OFFSET_READS,
+        default=OFFSET_HONOURED,
+        help="how buffered reads treat a start offset: honour it, ignore it (read from 0), send the whole "
+        "buffer, or answer an error (firmware without tail reads) (default honour)",
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,21 @@ class Dispatcher:
             return struct.pack("<24sBB6s", user_id, record.verify_mode, record.punch_state, when)
         return struct.pack("<24sBB6s20s", user_id, record.verify_mode, record.punch_state, when, b"")
 
+    def options(self) -> dict[str, str]:
+        """The OPTIONS_RRQ keys the terminal knows, with their values."""
+        serial = self.data.serial
+        # A stable, plausible MAC (ZKTeco's OUI) derived from the serial.
+        mac = self.data.spec.mac or ":".join(
+            f"{b:02x}" for b in b"\x00\x17\x61" + zlib.crc32(serial.encode()).to_bytes(4, "little")[:3]
+        )
+        return {
+            "~SerialNumber": serial,
+            "~DeviceName": self.data.spec.name or serial,
+            "~Platform": self.data.spec.platform,
+            "MAC": mac,
+            "~ZKFPVersion": "10",
+        }
+
     # ------------------------------------------------------------------------------------ commands
 
     def _on_enable(self, session: Session, reply_id: int, payload: bytes) -> Reply:
@@ -147,7 +163,7 @@ class Dispatcher:
 
     def _on_options(self, session: Session, reply_id: int, payload: bytes) -> Reply:
         key = payload.split(b"\x00", 1)[0].decode("ascii", errors="replace")
-        value = self.data.options().get(key)
+        value = self.options().get(key)
         if value is None:
             return _reply(session, p.CMD_ACK_ERROR, reply_id)
         return _reply(session, p.CMD_ACK_OK, reply_id, f"{key}={value}\x00".encode())

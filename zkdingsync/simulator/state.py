@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import threading
-import zlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -254,22 +253,6 @@ class TerminalData:
         """(users, records) as GET_FREE_SIZES reports them."""
         with self._lock:
             return len(self._users), self._record_count()
-
-    def options(self) -> dict[str, str]:
-        """The OPTIONS_RRQ keys the terminal knows, with their values."""
-        with self._lock:
-            serial = self._serial
-        # A stable, plausible MAC (ZKTeco's OUI) derived from the serial.
-        mac = self.spec.mac or ":".join(
-            f"{b:02x}" for b in b"\x00\x17\x61" + zlib.crc32(serial.encode()).to_bytes(4, "little")[:3]
-        )
-        return {
-            "~SerialNumber": serial,
-            "~DeviceName": self.spec.name or serial,
-            "~Platform": self.spec.platform,
-            "MAC": mac,
-            "~ZKFPVersion": "10",
-        }
 
     # ---------------------------------------------------------------------------------- internals
 

@@ -25,12 +25,13 @@ from zkdingsync.store.evidence import Evidence, ExportedPunch, ExportWindow
 from zkdingsync.store.queue import PunchQueue
 from zkdingsync.store.reports import DayReports
 from zkdingsync.store.state import SmallState
-from zkdingsync.store.terminals import Checkpoint, Terminals
+from zkdingsync.store.terminals import Checkpoint, LogEnd, Terminals
 from zkdingsync.store.uid_names import UidNames
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
     "Checkpoint",
+    "LogEnd",
     "ExportWindow",
     "ExportedPunch",
     "Store",

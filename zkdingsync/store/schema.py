@@ -86,3 +86,11 @@ def m003_dingtalk_evidence(db: sqlite_utils.Database) -> None:
     # Ended outages of each terminal, for the daily report (a current one is the checkpoint's down_since).
     db.execute("CREATE TABLE outages (device TEXT NOT NULL, down_since TEXT NOT NULL, up_at TEXT NOT NULL)")
     db.execute("CREATE INDEX outages_up_at ON outages (up_at)")
+
+
+@migrations()
+def m004_log_tail(db: sqlite_utils.Database) -> None:
+    """Tail reads: the last record stored of each terminal's log (raw bytes), and whether its firmware
+    reads a buffer from an offset (NULL: not known yet)."""
+    db.execute("ALTER TABLE checkpoints ADD COLUMN last_record BLOB")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN offset_reads INTEGER")

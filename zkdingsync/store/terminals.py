@@ -33,6 +33,17 @@ class Checkpoint:
     users: int | None
     user_capacity: int | None
     record_capacity: int | None
+    last_record: bytes | None = None  # the raw bytes of the last record stored (for tail reads)
+    offset_reads: bool | None = None  # does the firmware read from an offset? None: not known yet
+
+
+@dataclass(frozen=True)
+class LogEnd:
+    """The end of a terminal's log as a poll read it: its last record (raw bytes), and what the poll
+    learned about offset reads (None: nothing)."""
+
+    last_record: bytes | None
+    offset_reads: bool | None = None
 
 
 def _checkpoint(row: sqlite3.Row) -> Checkpoint:
@@ -51,6 +62,8 @@ def _checkpoint(row: sqlite3.Row) -> Checkpoint:
         users=row["users"],
         user_capacity=row["user_capacity"],
         record_capacity=row["record_capacity"],
+        last_record=row["last_record"],
+        offset_reads=None if row["offset_reads"] is None else bool(row["offset_reads"]),
     )
 
 
@@ -77,41 +90,18 @@ class Terminals(Connection):
         polled_at: datetime,
         info: TerminalInfo | None = None,
         drift_seconds: float | None = None,
+        log_end: LogEnd | None = None,
     ) -> int:
         """Store a successful poll in one transaction and return how many punches were new.
 
         Punches already known (by their natural key) are left as they are, whatever their delivery state, so
         re-reading a whole log queues nothing twice. New punches become pending, or quarantined when they
-        carry a quarantine reason. The checkpoint moves in the same transaction. Raise StoreError (nothing
-        written) when the disk refuses.
+        carry a quarantine reason. The checkpoint moves in the same transaction (with `log_end`, the last
+        record read, for the next tail read). Raise StoreError (nothing written) when the disk refuses.
         """
         now = iso(polled_at)
-        rows = [
-            (
-                p.serial,
-                p.enroll_number,
-                p.local_time,
-                p.punch_state,
-                p.verify_mode,
-                p.device,
-                p.check_time_ms,
-                p.workcode,
-                now,
-                Delivery.QUARANTINED.value if p.quarantine_reason else Delivery.PENDING.value,
-                p.quarantine_reason,
-                now,
-            )
-            for p in punches
-        ]
         with self._transaction() as conn:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO punches (serial, enroll_number, local_time, punch_state, verify_mode, "
-                "device, check_time_ms, workcode, stored_at, delivery, reason, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            new = conn.total_changes - before
+            new = _insert_punches(conn, punches, now)
             # A poll that succeeds ends an outage: keep it for the daily report.
             conn.execute(
                 "INSERT INTO outages (device, down_since, up_at) SELECT device, down_since, ? "
@@ -119,7 +109,20 @@ class Terminals(Connection):
                 (now, device),
             )
             _save_checkpoint(conn, device, serial, record_count, record_size, now, info, drift_seconds)
+            if log_end is not None:
+                conn.execute(
+                    "UPDATE checkpoints SET last_record = ?, offset_reads = COALESCE(?, offset_reads) "
+                    "WHERE device = ?",
+                    (log_end.last_record, log_end.offset_reads, device),
+                )
         return new
+
+    def save_punches(self, punches: Sequence[Punch], *, polled_at: datetime) -> int:
+        """Store one batch of a big read without moving the checkpoint (the last batch goes with
+        `save_poll`): a crash between batches leaves the checkpoint behind what is stored, never ahead.
+        Return how many punches were new; raise StoreError (nothing written) when the disk refuses."""
+        with self._transaction() as conn:
+            return _insert_punches(conn, punches, iso(polled_at))
 
     def record_poll_failure(self, device: str, *, error: str, at: datetime) -> Checkpoint:
         """Remember a failed poll (the first failure of an outage sets `down_since`); return it."""
@@ -151,6 +154,35 @@ class Terminals(Connection):
     def save_uid_names(self, serial: str, names: UidNames) -> None:
         """Keep the uid memo of a terminal (before the punches it resolved are stored)."""
         self._update(UPSERT_KV, (_UID_NAMES_KEY.format(serial=serial), names.dump(), None))
+
+
+def _insert_punches(conn: sqlite3.Connection, punches: Sequence[Punch], now: str) -> int:
+    """Insert the punches the store does not know yet (inside a transaction); return how many."""
+    rows = [
+        (
+            p.serial,
+            p.enroll_number,
+            p.local_time,
+            p.punch_state,
+            p.verify_mode,
+            p.device,
+            p.check_time_ms,
+            p.workcode,
+            now,
+            Delivery.QUARANTINED.value if p.quarantine_reason else Delivery.PENDING.value,
+            p.quarantine_reason,
+            now,
+        )
+        for p in punches
+    ]
+    before = conn.total_changes
+    conn.executemany(
+        "INSERT OR IGNORE INTO punches (serial, enroll_number, local_time, punch_state, verify_mode, "
+        "device, check_time_ms, workcode, stored_at, delivery, reason, next_attempt_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return conn.total_changes - before
 
 
 def _save_checkpoint(
