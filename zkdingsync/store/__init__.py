@@ -31,9 +31,9 @@ from zkdingsync.store.uid_names import UidNames
 __all__ = [
     "BUSY_TIMEOUT_MS",
     "Checkpoint",
-    "LogEnd",
     "ExportWindow",
     "ExportedPunch",
+    "LogEnd",
     "Store",
     "StoredPunch",
     "UidNames",
