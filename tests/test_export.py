@@ -158,6 +158,11 @@ def test_device_and_enroll_filters_and_the_file_is_owner_only(config: Path) -> N
     assert {r["enroll_number"] for r in rows} == {"1001", "1002"}
     assert len(rows) == 5
     assert stat.S_IMODE(os.stat(config.parent / "out.csv").st_mode) == 0o600
+    with Store.open(config.parent / "zk.db") as store:
+        store.forget_terminal("gate")  # taken out of the config: its punches stay, and stay exportable
+    config.write_text(config.read_text().replace("  - name: gate\n", "  - name: gate2\n"), encoding="utf-8")
+    rows = export_csv(config, "--from", "2026-02-28", "--to", "2026-03-31", "--device", "gate")
+    assert len(rows) == 2
     assert not [p for p in config.parent.iterdir() if p.name.endswith(".partial")]
 
 

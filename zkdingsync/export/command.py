@@ -100,7 +100,8 @@ def export_command(
 
 def _check_devices(store: Store, config: Config, devices: Sequence[str]) -> None:
     known = {device.name for device in config.devices} | {c.device for c in store.checkpoints()}
-    unknown = [name for name in devices if name not in known]
+    # A terminal taken out of the config (and forgotten by the poller) still has its punches.
+    unknown = [name for name in devices if name not in known and not store.has_punches_of(name)]
     if unknown:
         raise UserError(
             f"--device {unknown[0]!r}: no such terminal (known: {', '.join(sorted(known)) or 'none'})"

@@ -106,6 +106,10 @@ class Evidence(Connection):
             except sqlite3.Error as error:
                 raise store_error(self.path, error) from error
 
+    def has_punches_of(self, device: str) -> bool:
+        """Return True when the store holds a punch of the named terminal (an index lookup)."""
+        return bool(self._query("SELECT 1 FROM punches WHERE device = ? LIMIT 1", (device,)))
+
     def employee_names(self) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
         """Return the known names: (serial, enroll number) -> name from the terminals' user tables, and
         DingTalk userid -> name from the directory. Empty on a store without the tables."""
