@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -13,18 +14,14 @@ import pytest
 import requests
 import structlog
 from dingtalk import AppKeyClient
+from fixtures_simulator import wait_for
 
-from zkdingsync.dingtalk.client import (
-    COUNT_FLUSH_CALLS,
-    DingTalkClient,
-    DingTalkError,
-    _connection_never_opened,
-    classify_answer,
-    classify_http_status,
-    robot_signature,
-)
+from zkdingsync.dingtalk.answers import classify_answer, classify_http_status
+from zkdingsync.dingtalk.call_counts import COUNT_FLUSH_CALLS
+from zkdingsync.dingtalk.client import DingTalkClient, DingTalkError, robot_signature
 from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
-from zkdingsync.model import OutcomeKind, Upload
+from zkdingsync.dingtalk.transport import _connection_never_opened, _decoded
+from zkdingsync.model import Outcome, OutcomeKind, Upload
 from zkdingsync.quota import call_month
 from zkdingsync.store import Store
 
@@ -336,8 +333,8 @@ def test_sdk_class_state_is_left_alone(fake: FakeDingTalk, store: Store) -> None
     make_client(fake, store)
     other = DingTalkClient(APP_KEY, APP_SECRET, "http://127.0.0.1:9", 0.5, store=store)
     assert AppKeyClient.API_BASE_URL == "https://oapi.dingtalk.com/"
-    assert other._sdk.API_BASE_URL == "http://127.0.0.1:9/"
-    assert make_client(fake, store)._sdk._http is not other._sdk._http
+    assert other._transport._sdk.API_BASE_URL == "http://127.0.0.1:9/"
+    assert make_client(fake, store)._transport._sdk._http is not other._transport._sdk._http
 
 
 def test_no_timeout_is_refused(store: Store) -> None:
@@ -371,3 +368,65 @@ def test_classifiers_on_shapes_without_a_server() -> None:
     assert classify_answer({"success": True}).kind is OutcomeKind.UNKNOWN
     assert classify_http_status(429, "").kind is OutcomeKind.TRANSIENT
     assert classify_http_status(404, "<html>").wait_seconds >= 300
+
+
+@pytest.mark.parametrize("errcode", ["abc", "", "0x1", " ", "1.5", True, [1], {"a": 1}, 1.5, None])
+def test_an_errcode_that_is_not_a_number_is_unknown_never_permanent(
+    fake: FakeDingTalk, store: Store, errcode: object
+) -> None:
+    # A proxy or a captive portal, not DingTalk: the upload may or may not have gone through.
+    fake.answer_next({"errcode": errcode, "errmsg": "portal"})
+    outcome = make_client(fake, store).upload(an_upload())
+    assert outcome.kind is OutcomeKind.UNKNOWN, outcome
+    assert len(outcome.reason) < 200
+
+
+def test_numeric_errcodes_as_text_are_still_read_as_numbers() -> None:
+    assert classify_answer({"errcode": " 60121 "}).kind is OutcomeKind.PERMANENT
+    assert classify_answer({"errcode": "00"}).kind is OutcomeKind.DELIVERED
+    assert classify_answer({"errcode": "90018"}).kind is OutcomeKind.TRANSIENT
+
+
+def test_a_huge_answer_is_read_only_up_to_the_cap(fake: FakeDingTalk, store: Store) -> None:
+    client = make_client(fake, store)
+    assert client.upload(an_upload()).kind is OutcomeKind.DELIVERED  # the token is fetched
+    fake.huge_next(50 * 1024 * 1024, accept=True)
+    started = time.monotonic()
+    outcome = client.upload(an_upload(minutes_ago=61))
+    assert time.monotonic() - started < 2
+    assert outcome.kind is OutcomeKind.UNKNOWN and outcome.code == "too-large"
+    assert "larger than 64 KiB" in outcome.reason
+    # The connection it came over is dropped, the next call works.
+    assert client.upload(an_upload(minutes_ago=62)).kind is OutcomeKind.DELIVERED
+    # A read is simply tried again later.
+    fake.huge_next(3 * 1024 * 1024, endpoint=LIST_RECORD)
+    now = datetime.now(timezone.utc)
+    with pytest.raises(DingTalkError) as raised:
+        client.list_records(["manager4220"], now - timedelta(hours=3), now)
+    assert raised.value.outcome.kind is OutcomeKind.TRANSIENT
+
+
+def test_deeply_nested_json_is_not_json() -> None:
+    response = requests.Response()
+    response._content = b"[" * 100_000
+    assert _decoded(response) is response  # not a RecursionError
+
+
+def test_abort_cuts_a_call_in_flight_and_refuses_later_ones(fake: FakeDingTalk, store: Store) -> None:
+    client = DingTalkClient(APP_KEY, APP_SECRET, fake.url, 30, store=store)
+    assert client.upload(an_upload()).kind is OutcomeKind.DELIVERED
+    fake.hang_next()
+    results: list[object] = []
+    worker = threading.Thread(target=lambda: results.append(client.upload(an_upload(minutes_ago=61))))
+    worker.start()
+    wait_for(lambda: fake.calls["upload"] == 2)
+    started = time.monotonic()
+    client.abort()
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - started < 2
+    [cut] = results
+    assert isinstance(cut, Outcome) and cut.kind is OutcomeKind.UNKNOWN  # it was sent: read back later
+    tokens_before, uploads_before = fake.calls["gettoken"], fake.calls["upload"]
+    later = client.upload(an_upload(minutes_ago=62))
+    assert later.kind is OutcomeKind.TRANSIENT and later.code == "not-sent"
+    assert (fake.calls["gettoken"], fake.calls["upload"]) == (tokens_before, uploads_before)

@@ -351,3 +351,22 @@ def test_a_pause_left_by_an_earlier_run_is_forgotten(world: World) -> None:
 def _health(world: World) -> str | None:
     health = world.store.dingtalk_health()
     return None if health is None else health.text()
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_an_errcode_that_is_not_a_number_parks_nothing(tmp_path: Path, accept: bool) -> None:
+    # A proxy or captive portal answering {"errcode": "abc"}: whether DingTalk got the punch is unknown
+    # (accept: it did), so the forwarder reads back instead of parking; nothing is parked or doubled.
+    world = World(tmp_path, punches=5)
+    try:
+        world.fake.answer_next({"errcode": "abc", "errmsg": "portal"}, n=None, accept=accept)
+        world.fake.answer_next({"errcode": "abc"}, n=None, endpoint=LIST_RECORD)
+        for _ in range(5):
+            world.forwarder.step()
+            world.clock.advance(600)
+        assert world.store.delivery_counts()[Delivery.PARKED] == 0
+        world.fake.clear_faults()
+        world.delivered_once()
+        assert world.store.delivery_counts()[Delivery.PARKED] == 0
+    finally:
+        world.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from zkdingsync.dingtalk.client import _QueryRedactionFilter
+from zkdingsync.dingtalk.transport import _QueryRedactionFilter
 from zkdingsync.logs import redact_secrets
 from zkdingsync.redaction import MIN_SECRET_LENGTH, redact_text, register_secret
 

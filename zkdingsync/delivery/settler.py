@@ -30,13 +30,8 @@ from zkdingsync.delivery.ports import (
     ms_to_datetime,
 )
 from zkdingsync.delivery.ratelimit import RateLimiter
-from zkdingsync.dingtalk.client import (
-    DINGTALK_WINDOW,
-    MAX_READ_BACK_SPAN,
-    MAX_READ_BACK_USERS,
-    DingTalkError,
-    evidence_id,
-)
+from zkdingsync.dingtalk.answers import evidence_id
+from zkdingsync.dingtalk.client import DINGTALK_WINDOW, MAX_READ_BACK_SPAN, MAX_READ_BACK_USERS, DingTalkError
 from zkdingsync.mapping import unmapped_reason
 from zkdingsync.model import OutcomeKind, StoredPunch
 

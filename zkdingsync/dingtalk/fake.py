@@ -83,6 +83,9 @@ __all__ = [
 ]
 
 
+# Faults that let the call be handled first (an upload recorded) when `accept` is set.
+_AFTER_HANDLING = frozenset({"slow", "hang", "reset", "json", "huge"})
+
 # What `POST /_fake/control` may call (the fault and token methods of FakeDingTalk).
 _CONTROL_ACTIONS = frozenset(
     {
@@ -94,6 +97,8 @@ _CONTROL_ACTIONS = frozenset(
         "hang_next",
         "reset_next",
         "slow_next",
+        "answer_next",
+        "huge_next",
         "invalidate_tokens",
         "reject_all_tokens",
         "clear_faults",
@@ -320,6 +325,32 @@ class FakeDingTalk:
         """Record the next `n` uploads (if `accept`), then reset the connection instead of answering."""
         self.add_fault(Fault("reset", endpoint, n, accept=accept))
 
+    def answer_next(
+        self,
+        payload: Any,
+        n: int | None = 1,
+        *,
+        accept: bool = False,
+        endpoint: str = UPLOAD,
+        userid: str | None = None,
+    ) -> None:
+        """Answer the next `n` matching calls with this JSON value, HTTP 200, as a proxy or a captive portal
+        might (`{"errcode": "abc"}`); with `accept` an upload is recorded first (passed on, then mangled)."""
+        self.add_fault(Fault("json", endpoint, n, userid, accept=accept, payload=payload))
+
+    def huge_next(
+        self,
+        size_bytes: int,
+        n: int | None = 1,
+        *,
+        accept: bool = False,
+        endpoint: str = UPLOAD,
+        userid: str | None = None,
+    ) -> None:
+        """Answer the next `n` matching calls with a well-formed JSON object of `size_bytes` bytes (errcode
+        0 and a huge errmsg), streamed; with `accept` an upload is recorded first."""
+        self.add_fault(Fault("huge", endpoint, n, userid, accept=accept, size_bytes=size_bytes))
+
     def slow_next(self, seconds: float, n: int | None = 1, *, endpoint: str = UPLOAD) -> None:
         """Answer the next `n` calls normally, but only after `seconds`."""
         self.add_fault(Fault("slow", endpoint, n, delay_seconds=seconds))
@@ -352,15 +383,15 @@ class FakeDingTalk:
         with self._lock:
             self._state.calls[endpoint] += 1
             fault = take_fault(self._state.faults, endpoint, userid)
-        if fault is not None and fault.kind not in ("slow", "hang", "reset"):
+        if fault is not None and fault.kind not in _AFTER_HANDLING:
             return fault_reply(fault)
         if fault is not None and fault.kind == "slow":
             self._closing.wait(fault.delay_seconds)
-        if fault is not None and fault.kind in ("hang", "reset") and not fault.accept:
-            return Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
+        if fault is not None and fault.kind != "slow" and not fault.accept:
+            return fault_reply(fault)
         reply = self._api.answer(endpoint, query, payload)
-        if fault is not None and fault.kind in ("hang", "reset"):
-            return Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
+        if fault is not None and fault.kind != "slow":
+            return fault_reply(fault)  # the call took effect; what comes back is the fault
         if self.latency_seconds:
             self._closing.wait(self.latency_seconds)
         return reply
@@ -428,6 +459,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.track(self.connection, add=True)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            self.close_connection = True  # the client hung up during a long answer (it read all it wanted)
+
     def finish(self) -> None:
         try:
             super().finish()
@@ -461,9 +498,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
+        self.send_header("Content-Length", str(reply.length if reply.chunks is not None else len(reply.body)))
         self.end_headers()
-        self.wfile.write(reply.body)
+        if reply.chunks is None:
+            self.wfile.write(reply.body)
+            return
+        for chunk in reply.chunks:
+            self.wfile.write(chunk)
 
 
 # ---------------------------------------------------------------------- running it from another process

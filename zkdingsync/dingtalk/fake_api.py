@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any
@@ -56,7 +56,7 @@ _HTML_PAGE = (
 class Fault:
     """One way to misbehave, for the next `remaining` matching calls (None: until cleared)."""
 
-    kind: str  # errcode | http | html | ban | hang | reset | slow | garbage
+    kind: str  # errcode | http | html | ban | hang | reset | slow | garbage | json | huge
     endpoint: str = UPLOAD
     remaining: int | None = 1
     userid: str | None = None
@@ -65,7 +65,9 @@ class Fault:
     errmsg: str = ""
     status: int = 200
     delay_seconds: float = 0.0
-    accept: bool = True  # hang/reset on an upload: record it first (DingTalk took it, the answer is lost)
+    accept: bool = True  # hang/reset/json/huge on an upload: record it first (DingTalk took it)
+    payload: Any = None  # json: the answer's JSON value
+    size_bytes: int = 0  # huge: how long the answer's body is
 
     def matches(self, endpoint: str, userid: str | None) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -92,6 +94,8 @@ class Reply:
     content_type: str = "application/json;charset=UTF-8"
     hang: bool = False
     reset: bool = False
+    chunks: Iterable[bytes] | None = None  # a body streamed instead of `body`, `length` bytes long
+    length: int = 0
 
 
 @dataclass
@@ -410,4 +414,27 @@ def fault_reply(fault: Fault) -> Reply:
         return Reply(fault.status, _HTML_PAGE.encode(), "text/html;charset=UTF-8")
     if fault.kind == "ban":
         return json_reply({"status": 1111, "wait": 5, "punish": "deny", "msg": "访问过于频繁"}, fault.status)
+    if fault.kind in ("hang", "reset"):
+        return Reply(hang=fault.kind == "hang", reset=fault.kind == "reset")
+    if fault.kind == "json":
+        return Reply(200, json.dumps(fault.payload, ensure_ascii=False).encode())
+    if fault.kind == "huge":
+        return _huge_reply(fault.size_bytes)
     return Reply(200, b"\x00not json\xff", "application/octet-stream")
+
+
+def _huge_reply(size_bytes: int) -> Reply:
+    """A JSON object of exactly `size_bytes` bytes (at least 40), streamed in 64 KiB pieces."""
+    head, tail = b'{"errcode":0,"errmsg":"ok","padding":"', b'"}'
+    padding = max(0, size_bytes - len(head) - len(tail))
+    piece = b"x" * 65536
+
+    def chunks() -> Iterable[bytes]:
+        yield head
+        left = padding
+        while left > 0:
+            yield piece[: min(left, len(piece))]
+            left -= len(piece)
+        yield tail
+
+    return Reply(200, b"", chunks=chunks(), length=len(head) + padding + len(tail))
