@@ -27,13 +27,14 @@ import structlog
 
 from zkdingsync.backoff import Backoff
 from zkdingsync.delivery.budget import CallBudget
-from zkdingsync.delivery.dispatch import Dispatcher, DispatchParts
+from zkdingsync.delivery.dispatch import Dispatcher
 from zkdingsync.delivery.gate import DeliveryGate
 from zkdingsync.delivery.health import Health
+from zkdingsync.delivery.parts import SharedParts
 from zkdingsync.delivery.ports import DeliveryStore, Resolver, SentUnder, Uploader
 from zkdingsync.delivery.ratelimit import RateLimiter
 from zkdingsync.delivery.refresh import MappingRefresher
-from zkdingsync.delivery.settler import SettleParts, Settler
+from zkdingsync.delivery.settler import Settler
 from zkdingsync.errors import StoreError
 from zkdingsync.model import Delivery, utc_now
 from zkdingsync.quota import next_month_start
@@ -112,20 +113,15 @@ class Forwarder:
         sent = SentUnder()  # dispatch remembers the userid it sends under; the settler reads back under it
         refreshing = lambda: self._refresher.refreshing  # noqa: E731 - one shared accessor
         stopping = self._stop_is_set
+        parts = SharedParts(store, client, mapper, self.health, limiter, sent, refreshing, stopping, clock)
         settler = Settler(
-            SettleParts(
-                store, client, mapper, self.health, self.budget, limiter, sent, refreshing, stopping, clock
-            ),
+            parts,
+            self.budget,
             delay=timedelta(seconds=delay),
             interval=timedelta(seconds=interval),
             max_wait_seconds=self._max_wait,
         )
-        dispatcher = Dispatcher(
-            DispatchParts(
-                store, client, mapper, self.health, limiter, sent, settler, refreshing, stopping, clock
-            ),
-            concurrency=concurrency,
-        )
+        dispatcher = Dispatcher(parts, settler, concurrency=concurrency)
         return settler, dispatcher
 
     # ------------------------------------------------------------------ life cycle

@@ -263,16 +263,6 @@ def _scrub(text: str, secrets: Collection[str]) -> str:
     return redact_text(text, secrets)
 
 
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
-
-
 # ---------------------------------------------------------------------------------------- what needs a human
 
 

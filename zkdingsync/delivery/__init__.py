@@ -1,6 +1,7 @@
 """The parts of delivery to DingTalk, composed by `zkdingsync.forwarder.Forwarder` (a thin loop).
 
 - `ports`: what delivery needs from the store, the DingTalk client and the user mapper (Protocols).
+- `parts`: the parts dispatch and the settler share.
 - `gate`: may delivery send now? Pause, hold, call numbering and the barrier: a clock in, a decision out.
 - `health`: the gate's changes told to people: the journal, the alert hook, the health `status` shows.
 - `budget`: the monthly call budget (warning, exhaustion, renewal).

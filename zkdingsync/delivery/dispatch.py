@@ -10,24 +10,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
 
-from zkdingsync.delivery.health import Health
+from zkdingsync.delivery.parts import SharedParts
 from zkdingsync.delivery.ports import (
     SECOND_MS,
-    DeliveryStore,
-    Resolver,
-    SentUnder,
-    Uploader,
     invalid_moment,
     ms_to_datetime,
 )
-from zkdingsync.delivery.ratelimit import RateLimiter
 from zkdingsync.delivery.settler import MAPPING_WAIT, Settler
 from zkdingsync.dingtalk.client import DINGTALK_WINDOW
 from zkdingsync.errors import StoreError
@@ -36,30 +30,16 @@ from zkdingsync.model import Outcome, OutcomeKind, PunchResult, StoredPunch, Upl
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class DispatchParts:
-    """What dispatch works with (the forwarder's parts it shares)."""
-
-    store: DeliveryStore
-    client: Uploader
-    mapper: Resolver
-    health: Health
-    limiter: RateLimiter
-    sent: SentUnder
-    settler: Settler
-    refreshing: Callable[[], bool]  # True while the job number table is being fetched
-    stopping: Callable[[], bool]  # True once a stop was asked for
-    clock: Callable[[], datetime]
-
-
 class Dispatcher:
     """Sends batches with at most `concurrency` calls under way."""
 
-    def __init__(self, parts: DispatchParts, *, concurrency: int) -> None:
-        """Given the shared parts and how many uploads may be under way at once, build it."""
+    def __init__(self, parts: SharedParts, settler: Settler, *, concurrency: int) -> None:
+        """Given the shared parts, the settler (told of unknown outcomes) and how many uploads may be
+        under way at once, build it."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._p = parts
+        self._settler = settler
         self.concurrency = concurrency
         self._executor: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -196,7 +176,7 @@ class Dispatcher:
         except StoreError as error:
             # The row stays in flight: the next settle reads DingTalk back, so nothing is lost or doubled.
             log.error("delivery.store_failed", punch_id=stored.id, error=str(error))
-            self._p.settler.schedule(self._p.clock() + self._p.settler.delay)
+            self._settler.schedule(self._p.clock() + self._settler.delay)
             return PunchResult.UNKNOWN
         if result is not PunchResult.UNKNOWN:
             self._p.sent.forget(stored.id)
@@ -227,7 +207,7 @@ class Dispatcher:
         wait = health.failed(outcome, now, call)
         if kind is OutcomeKind.UNKNOWN:
             store.mark_unknown(stored.id, reason=f"upload outcome unknown: {outcome.reason}")
-            self._p.settler.schedule(now + self._p.settler.delay)
+            self._settler.schedule(now + self._settler.delay)
             return PunchResult.UNKNOWN
         store.mark_pending(stored.id, retry_at=now + timedelta(seconds=wait), reason=outcome.reason)
         return PunchResult.PENDING

@@ -14,22 +14,17 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from zkdingsync.delivery.budget import CallBudget
-from zkdingsync.delivery.health import Health
+from zkdingsync.delivery.parts import SharedParts
 from zkdingsync.delivery.ports import (
     SECOND_MS,
-    DeliveryStore,
-    Resolver,
-    SentUnder,
-    Uploader,
     invalid_moment,
     ms_to_datetime,
 )
-from zkdingsync.delivery.ratelimit import RateLimiter
 from zkdingsync.dingtalk.answers import evidence_id
 from zkdingsync.dingtalk.client import DINGTALK_WINDOW, MAX_READ_BACK_SPAN, MAX_READ_BACK_USERS, DingTalkError
 from zkdingsync.mapping import unmapped_reason
@@ -52,13 +47,13 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class ReadBackCall:
+class ReadBackCall(Generic[T]):
     """One listRecord call: up to 50 users, a window of at most 7 days, and the items it settles."""
 
     userids: tuple[str, ...]
     start_ms: int
     end_ms: int
-    items: tuple[Any, ...] = field(default=())
+    items: tuple[T, ...] = field(default=())
 
 
 def plan_read_back(
@@ -68,7 +63,7 @@ def plan_read_back(
     max_users: int = MAX_READ_BACK_USERS,
     max_span_ms: int = int(MAX_READ_BACK_SPAN.total_seconds() * 1000),
     pad_ms: int = int(READ_BACK_PAD.total_seconds() * 1000),
-) -> list[ReadBackCall]:
+) -> list[ReadBackCall[T]]:
     """Given items and how to get (userid, check time ms) from each, plan the fewest simple listRecord calls.
 
     Items are cut, in time order, into windows of at most `max_span_ms` (padding included, and one second
@@ -83,7 +78,7 @@ def plan_read_back(
             windows[-1].append(item)
         else:
             windows.append([item])
-    calls: list[ReadBackCall] = []
+    calls: list[ReadBackCall[T]] = []
     for window in windows:
         by_user: dict[str, list[T]] = {}
         for item in window:
@@ -124,31 +119,22 @@ class SettleReport:
         return bool(self.found or self.resent or self.resent_unverified or self.parked)
 
 
-@dataclass(frozen=True)
-class SettleParts:
-    """What the settler works with (the forwarder's parts it shares)."""
-
-    store: DeliveryStore
-    client: Uploader
-    mapper: Resolver
-    health: Health
-    budget: CallBudget
-    limiter: RateLimiter
-    sent: SentUnder
-    refreshing: Callable[[], bool]  # True while the job number table is being fetched
-    stopping: Callable[[], bool]  # True once a stop was asked for
-    clock: Callable[[], datetime]
-
-
 class Settler:
     """Settles in-flight punches; knows when the next round is due."""
 
     def __init__(
-        self, parts: SettleParts, *, delay: timedelta, interval: timedelta, max_wait_seconds: float
+        self,
+        parts: SharedParts,
+        budget: CallBudget,
+        *,
+        delay: timedelta,
+        interval: timedelta,
+        max_wait_seconds: float,
     ) -> None:
         """`delay`: how long an unknown outcome rests before it is read back (DingTalk may still be
         writing it); `interval`: how often in-flight punches are looked at at the latest."""
         self._p = parts
+        self._budget = budget
         self.delay = delay
         self._interval = interval
         self._max_wait = max_wait_seconds
@@ -248,10 +234,12 @@ class Settler:
                 return again
         return None
 
-    def _read_back_call(self, call: ReadBackCall, now: datetime, report: SettleReport) -> datetime | None:
+    def _read_back_call(
+        self, call: ReadBackCall[Unsettled], now: datetime, report: SettleReport
+    ) -> datetime | None:
         """Make one listRecord call and settle its punches; return when to retry if it could not be made."""
         clock, health = self._p.clock, self._p.health
-        room = self._p.budget.room(now)
+        room = self._budget.room(now)
         blocked = health.gate.blocked_for(clock())
         if blocked > 0 or room == 0:
             return clock() + timedelta(seconds=blocked or self._max_wait)
@@ -283,7 +271,9 @@ class Settler:
         self._match(call, records, report)
         return None
 
-    def _match(self, call: ReadBackCall, records: list[dict[str, Any]], report: SettleReport) -> None:
+    def _match(
+        self, call: ReadBackCall[Unsettled], records: list[dict[str, Any]], report: SettleReport
+    ) -> None:
         """Settle the call's punches: each DingTalk record (userid, time, device) vouches for one punch.
 
         Counted, not merely looked up: the upload carries no punch state or verify mode, so check-in and
