@@ -123,3 +123,19 @@ def test_validate_of_dev_null_store_in_the_real_process(tmp_path: Path, config_t
     result = run_cli(["validate", "-c", str(config)])
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_id_that_is_not_text_is_mapped_by_its_hex_key(tmp_path: Path, config_template: str) -> None:
+    config = write(
+        tmp_path / "config.yaml",
+        config_template,
+        tmp_path / "zk.db",
+        **{'"1001": manager4220': '"1001": manager4220\n    "hex:c4e3bac3": dave'},
+    )
+    assert load_config(config, environ={}).users.map["hex:c4e3bac3"] == "dave"
+    for bad in ("hex:C4E3", "hex:c4e", "hex:", "hex:zz"):
+        broken = write(
+            tmp_path / "broken.yaml", config_template, tmp_path / "zk.db", **{'"1001"': f'"{bad}"'}
+        )
+        (problem,) = problems_of(broken)
+        assert "is not an enroll number" in problem

@@ -129,7 +129,7 @@ CASES = [
         "non-digit user map key",
         10,
         "users.map.ab12",
-        "'ab12' is not an enroll number (digits only)",
+        "'ab12' is not an enroll number (digits, or hex: and hex digits)",
         replace={10: '    "ab12": manager4220'},
     ),
     Case("missing devices", 1, "devices", "is required but missing", remove=(11, 12, 13, 14, 15, 16)),

@@ -148,3 +148,13 @@ def test_close_interrupts_pacing_and_drops_the_rest() -> None:
     assert len(sender.sent) == 1
     assert notifier.pending() == 0
     assert "robot-token" not in repr(notifier)
+
+
+def test_terminal_text_in_a_robot_message_is_escaped_and_its_lines_kept() -> None:
+    sender = Flaky()
+    notifier = RobotNotifier(sender, TOKEN, None, monotonic=Pace().monotonic, wait=Pace().wait)
+    notifier.notify("3 punches parked (most: enroll number \x1b[31m1234 has no DingTalk user)\nrun retry")
+    assert notifier.send_next()
+    content = sender.sent[0]["text"]["content"]
+    assert "\x1b" not in content and "\\x1b[31m1234" in content
+    assert content.endswith("\nrun retry")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
-from harness import DaemonProcess, write_config
+from harness import DaemonProcess, run_cli, write_config
 
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.model import Delivery
+from zkdingsync.model import Delivery, TerminalUser
 from zkdingsync.simulator import FakeTerminal, history_start
 from zkdingsync.store import Store
 
@@ -42,6 +42,7 @@ def start_daemon(
     *,
     users: dict[str, str] = USERS,
     dingtalk_timeout_seconds: float = 2.0,
+    log_format: str = "json",
 ) -> DaemonProcess:
     config = write_config(
         tmp_path / "config.yaml",
@@ -53,6 +54,7 @@ def start_daemon(
         app_secret=APP_SECRET,
         dingtalk_timeout_seconds=dingtalk_timeout_seconds,
         readback_delay_seconds=1.0,
+        log_format=log_format,
     )
     return DaemonProcess(config, tmp_path)
 
@@ -142,3 +144,47 @@ def test_sigterm_during_an_upload_that_never_answers_stops_at_once(
 def delivered(store_path: Path) -> int:
     with Store.open(store_path, read_only=True) as store:
         return store.delivery_counts()[Delivery.DELIVERED]
+
+
+def test_terminal_text_is_escaped_and_an_id_that_is_not_utf8_is_mapped(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    gbk_key = "hex:" + "你好".encode("gbk").hex()  # how the daemon names an id whose bytes are GBK
+    ansi = "\x1b[2J\x1b[31m66"
+    hostile = terminals(
+        serial="HOSTILE03",
+        firmware="Ver \x1b]0;owned\x07 6.60",
+        users=[TerminalUser(1, gbk_key, "张三"), TerminalUser(2, ansi, "\x1b[5mblink")],
+        records=6,
+        first_punch=history_start(6),
+    )
+    lobby = terminals(serial="HEALTHY03", users=2, records=4, first_punch=history_start(4))
+    dingtalk.set_users([*USERS.values(), "dave"])
+    users = {"1001": "alice", "1002": "bob", gbk_key: "dave"}
+    # key=value lines, as in the journal: JSON would escape the ESC byte by itself.
+    fleet = {"hostile": hostile, "lobby": lobby}
+    daemon = start_daemon(tmp_path, dingtalk, fleet, users=users, log_format="keyvalue")
+    try:
+        wait_for(lambda: len(dingtalk.uploads) == 4 + 3, timeout=30, interval=0.05)
+        status = wait_for(lambda: parked_status(daemon.config, 3), timeout=30, interval=0.2)
+        rss = peak_rss_mib(daemon)
+    finally:
+        stop_cleanly(daemon)
+    assert rss < MAX_RSS_MIB
+    assert sorted(Counter(u["userid"] for u in dingtalk.uploads).items()) == [
+        ("alice", 2),
+        ("bob", 2),
+        ("dave", 3),
+    ]
+    assert max(uploads_of(dingtalk, {"alice", "bob", "dave"}).values()) == 1
+    # The punches of the enroll number made of escape sequences are parked, and shown escaped.
+    assert "\x1b" not in status and "\\x1b[2J\\x1b[31m66" in status
+    log = daemon.stderr()
+    assert "\x1b" not in log and "\x07" not in log
+    assert "enroll_number=\\x1b[2J\\x1b[31m66" in log  # the parked punches' line, escaped
+
+
+def parked_status(config: Path, parked: int) -> str | None:
+    """`zkdingsync status` (plain text) once it shows `parked` parked punches, else None."""
+    result = run_cli(["status", "-c", str(config)])
+    return result.stdout if f"parked           {parked}" in result.stdout else None

@@ -202,3 +202,19 @@ def test_credentials_in_url_queries_are_redacted_even_when_never_registered() ->
     for leaked in ("f00dcafe1234beef5678", "abcd1234", "s1gn%2B", "Xy9-secret-value"):
         assert leaked not in output, output
     assert "access_token=***" in output and "appkey=dingk" in output
+
+
+@pytest.mark.parametrize("fmt", ["keyvalue", "json", "console"])
+def test_control_characters_from_terminals_are_escaped(fmt: str) -> None:
+    stream = io.StringIO()
+    configure_logging("info", fmt, stream=stream, environ={})
+    log.warning(
+        "delivery.parked",
+        enroll_number="\x1b[31m1234\x1b[0m",
+        reason="bad\rname \u202egpj.exe",
+        extra={"k": "\x07"},
+    )
+    text = stream.getvalue()
+    for raw in ("\x1b", "\r", "\u202e", "\x07"):
+        assert raw not in text
+    assert "1234" in text and "x1b[31m" in text and "u202e" in text

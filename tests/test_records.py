@@ -281,3 +281,21 @@ def test_garbage_with_a_right_prefix_never_raises_anything_else(body: bytes, cou
     for parse in (parse_attendance_buffer, parse_user_table):
         with contextlib.suppress(RecordFormatError):
             parse(with_length_prefix(body), count)
+
+
+def test_ids_that_are_not_utf8_keep_a_key_that_round_trips() -> None:
+    # "你好" in GBK: not UTF-8. Replaced by U+FFFD it could never be told apart or mapped.
+    gbk_id = "你好".encode("gbk")
+    raw_user = gbk_id.ljust(24, b"\0")
+    buffer = with_length_prefix(struct.pack("<H24sB4sB8s", 7, raw_user, 1, b"\0\0\0\0", 0, b"\0" * 8))
+    _, [record] = parse_attendance_buffer(buffer, 1)
+    assert record.enroll_number == "hex:" + gbk_id.hex() == "hex:c4e3bac3"
+    # Encoding the key gives the terminal's bytes back, for the 40-byte records and the 72-byte users.
+    again = encode_records([record], 40)
+    assert parse_attendance_buffer(with_length_prefix(again), 1)[1] == [record]
+    user = TerminalUser(7, record.enroll_number, "张三", 0, 0)
+    assert parse_user_table(encode_user_table_buffer([user], 72, "gbk"), 1) == [user]
+    # Text that merely looks like a key stays text.
+    for text in ("hex:41", "hex:zz", "hex:"):
+        looks = AttendanceRecord(text, "2024-05-06 07:08:09", 1, 0, 0, 1)
+        assert parse_attendance_buffer(with_length_prefix(encode_records([looks], 40)), 1)[1] == [looks]

@@ -371,3 +371,15 @@ def test_quota_warning_starts_at_80_percent(tmp_path: Path, calls: int, warned: 
     assert any("DingTalk calls this month" in line for line in needs_attention(report)) is warned
     assert report.delivery.parked == 0
     assert Delivery.PARKED.value in json.loads(render_json(report))["delivery"]
+
+
+def test_text_escapes_what_terminals_and_dingtalk_chose(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "lobby")
+    healthy_store(config)
+    with Store.open(config.store.path) as store:
+        [claimed] = store.claim_due(NOW, limit=1)
+        store.park(claimed.id, reason="enroll number \x1b[2J\x1b[31m1000 has no DingTalk userid")
+        store.record_poll_failure("lobby", error="firmware says \x1b]0;owned\x07\r", at=NOW)
+    _, out, _ = run_status(config, as_json=False)
+    assert not any(ch in out for ch in "\x1b\x07\r")
+    assert "enroll number \\x1b[2J\\x1b[31m1000 has no DingTalk userid" in out

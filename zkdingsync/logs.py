@@ -6,6 +6,8 @@
   keeps its own).
 - Secrets never reach the output: values of keys named like secrets become `***`, and any registered
   secret value, or credential in a URL query (`access_token=...`), found inside a string becomes `***`.
+- Control characters in values are escaped (`printable`): text from terminals and DingTalk cannot send
+  escape sequences to whoever reads the log.
 - The standard library's `logging` (used by the DingTalk SDK, urllib3) is routed into the same output at
   WARNING and above.
 
@@ -22,6 +24,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from zkdingsync.printable import printable
 from zkdingsync.redaction import REDACTED, is_secret_key, redact_text
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -64,6 +67,27 @@ def redact_secrets(_logger: Any, _method_name: str, event_dict: MutableMapping[s
             event_dict[key] = REDACTED
         else:
             event_dict[key] = _redact_value(event_dict[key])
+    return event_dict
+
+
+def _printable_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value, keep_newlines=True)  # newlines: each renderer escapes them its own way
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_value(item) for item in value]
+    return value
+
+
+def escape_control_characters(_logger: Any, _method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor after `redact_secrets`: control characters in every text value escaped.
+
+    Terminals choose enroll numbers and names, DingTalk (or a proxy) its messages: an `ESC[31m` among them
+    must not repaint the admin's terminal, nor a carriage return overwrite the line.
+    """
+    for key in list(event_dict):
+        event_dict[key] = _printable_value(event_dict[key])
     return event_dict
 
 
@@ -167,6 +191,7 @@ def configure_logging(
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
         redact_secrets,
+        escape_control_characters,
     ]
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer(ensure_ascii=False, default=str))

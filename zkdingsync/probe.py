@@ -19,6 +19,7 @@ from zkdingsync.devices.zk import TerminalState, read_info, read_users
 from zkdingsync.errors import TerminalError, UserError
 from zkdingsync.model import TerminalUser, utc_now
 from zkdingsync.poller import ConfigLike, PolledDevice
+from zkdingsync.printable import printable
 from zkdingsync.timeconv import describe_duration
 
 FULL_WARNING_RATIO = 0.9
@@ -139,9 +140,10 @@ def probe(
     failures = 0
     for device, (outcome, enrolled) in zip(devices, outcomes, strict=True):
         text, ok = format_report(device, outcome, poll.drift_threshold_seconds)
-        stream.write(text)
         if enrolled is not None and users is not None:
-            stream.write(format_users(enrolled, users))
+            text += format_users(enrolled, users)
+        # Serial, firmware, enroll numbers and names are the terminal's to choose: escaped, lines kept.
+        stream.write(printable(text, keep_newlines=True))
         failures += not ok
     if len(devices) > 1:
         stream.write(f"{len(devices) - failures} of {len(devices)} terminals answered\n")

@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 from zkdingsync.errors import StoreError
 from zkdingsync.model import Delivery, HealthState
+from zkdingsync.printable import printable
 from zkdingsync.quota import QUOTA_WARNING_SHARE, call_month
 from zkdingsync.redaction import redact_text
 from zkdingsync.store import Checkpoint, Store
@@ -453,7 +454,8 @@ def render_text(report: StatusReport) -> str:
         lines.extend(f"  - {line}" for line in attention)
     else:
         lines.append("Nothing needs attention.")
-    return "\n".join(lines) + "\n"
+    # Terminals supply serials, errors and enroll numbers (in park reasons): escaped, line by line.
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _terminal_state(terminal: TerminalStatus, zone: tzinfo) -> str:

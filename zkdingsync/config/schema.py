@@ -316,7 +316,9 @@ SCHEMA = Key(
                     "map",
                     "user_map",
                     'Terminal enroll number -> DingTalk userid. Quote the numbers ("0012") so that leading '
-                    "zeros are kept. Punches of unmapped employees are parked until mapped, then `retry`.",
+                    "zeros are kept. An id a terminal stores as bytes that are not text (GBK firmware) is "
+                    'written "hex:" and its bytes, as `probe --users` shows it ("hex:c4e3bac3"). Punches of '
+                    "unmapped employees are parked until mapped, then `retry`.",
                     default={},
                     example={"1001": "manager4220"},
                     in_example=True,

@@ -23,7 +23,9 @@ from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
-_ENROLL_NUMBER = re.compile(r"[0-9]{1,24}")
+# Digits, or an id a terminal stores as bytes that are not UTF-8, written the way the terminal adapter
+# shows it: "hex:" and the bytes in hex (`devices.records.HEX_ID_PREFIX`; `probe --users` lists them).
+_ENROLL_NUMBER = re.compile(r"[0-9]{1,24}|hex:(?:[0-9a-f]{2}){1,24}")
 _TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 _MAX_NAME_LENGTH = 64
 
@@ -212,7 +214,9 @@ class Values:
             entry_path = f"{path}.{shown}"
             if not isinstance(text, str) or not _ENROLL_NUMBER.fullmatch(text):
                 self.problems.add(
-                    key.line, entry_path, f"{quoted(shown)} is not an enroll number (digits only)"
+                    key.line,
+                    entry_path,
+                    f"{quoted(shown)} is not an enroll number (digits, or hex: and hex digits)",
                 )
                 valid = False
                 continue

@@ -155,9 +155,33 @@ def _time_formatter() -> Callable[[int], str]:
 # ---------------------------------------------------------------------------------------------- text
 
 
-def _decode_ascii_field(raw: bytes) -> str:
-    """Decode a NUL-padded text field tolerantly (terminals write garbage past the first NUL)."""
-    return raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
+# An id (enroll number) whose bytes are not UTF-8 is kept as this prefix and the bytes in hex: U+FFFD
+# in their place could never be told apart or mapped; "hex:c4e3" maps in users.map and encodes back.
+HEX_ID_PREFIX = "hex:"
+
+
+def _decode_id_field(raw: bytes) -> str:
+    """Decode a NUL-padded id field (terminals write garbage past the first NUL): its UTF-8 text, else
+    HEX_ID_PREFIX and its bytes in hex."""
+    data = raw.split(b"\x00", 1)[0]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return HEX_ID_PREFIX + data.hex()
+
+
+def _encode_id_field(text: str, width: int, what: str) -> bytes:
+    """The bytes of an id field: the inverse of `_decode_id_field` (a "hex:..." id is its raw bytes)."""
+    if text.startswith(HEX_ID_PREFIX):
+        try:
+            data = bytes.fromhex(text[len(HEX_ID_PREFIX) :])
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            if b"\x00" not in data and len(data) <= width:
+                return data
+        except ValueError:
+            pass  # not hex: an id that merely starts with "hex:"
+    return _encode_text_field(text, width, what)
 
 
 def _decode_name(raw: bytes) -> str:
@@ -264,7 +288,7 @@ def parse_records(
         for uid, raw_user, verify, when, punch in _RECORD_STRUCTS[size].iter_unpack(body):
             enroll = names.get(raw_user)
             if enroll is None:
-                enroll = names[raw_user] = _decode_ascii_field(raw_user)
+                enroll = names[raw_user] = _decode_id_field(raw_user)
             append(AttendanceRecord(enroll, format_time(when), verify, punch, 0, uid))
     return records
 
@@ -286,7 +310,7 @@ def parse_user_table(buffer: bytes, user_count: int) -> list[TerminalUser]:
         else:
             for uid, privilege, _password, name, card, _group, user_id in _USER_72.iter_unpack(view):
                 users.append(
-                    TerminalUser(uid, _decode_ascii_field(user_id), _decode_name(name), privilege, card)
+                    TerminalUser(uid, _decode_id_field(user_id), _decode_name(name), privilege, card)
                 )
     finally:
         view.release()
@@ -328,7 +352,7 @@ def _pack_record(record: AttendanceRecord, size: int, when: int) -> bytes:
             _u32_enroll(record.enroll_number), when, record.verify_mode, record.punch_state, record.workcode
         )
     if size in (40, 49):
-        enroll = _encode_text_field(record.enroll_number, 24, "enroll number")
+        enroll = _encode_id_field(record.enroll_number, 24, "enroll number")
         uid = record.uid if record.uid is not None else 0
         return _RECORD_STRUCTS[size].pack(uid, enroll, record.verify_mode, when, record.punch_state)
     raise ValueError(f"unknown record size {size}")
@@ -372,7 +396,7 @@ def _pack_user(user: TerminalUser, size: int, name_encoding: str) -> bytes:
         )
     if size == 72:
         name = _encode_text_field(user.name, 24, "name", name_encoding)
-        enroll = _encode_text_field(user.enroll_number, 24, "enroll number")
+        enroll = _encode_id_field(user.enroll_number, 24, "enroll number")
         return _USER_72.pack(user.uid, user.privilege, b"", name, user.card, b"1", enroll)
     raise ValueError(f"unknown user table size {size}")
 

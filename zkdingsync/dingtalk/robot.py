@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from zkdingsync.model import Outcome, OutcomeKind
+from zkdingsync.printable import printable
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +141,8 @@ class RobotNotifier:
                 return False
         self._next_send = self._monotonic() + self._interval
         text = alert.text if not dropped else f"{alert.text}\n({dropped} earlier alerts were dropped)"
-        content = f"{PREFIX} {text}"[:MAX_CONTENT]
+        # Enroll numbers and terminal errors come from the terminals: escaped, but the lines kept.
+        content = printable(f"{PREFIX} {text}", MAX_CONTENT, keep_newlines=True)
         outcome = self._sender.send_robot(
             self._access_token, self._secret, {"msgtype": "text", "text": {"content": content}}
         )
