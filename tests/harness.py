@@ -228,8 +228,14 @@ def write_config(
     poll_interval_seconds: float = 1.0,
     log_format: str = "json",
     readback_delay_seconds: float = 2.0,
+    delivery_since: str | None = "2000-01-01",
+    monthly_call_quota: int | None = None,
 ) -> Path:
-    """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it."""
+    """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it.
+
+    `delivery_since` defaults to a day before any test's punches, so that everything a terminal holds is
+    delivered whatever the hour a test runs at; None leaves the key out (history before the first poll).
+    """
     document = {
         "dingtalk": {
             "app_key": app_key,
@@ -248,6 +254,10 @@ def write_config(
         ],
         "log": {"format": log_format},
     }
+    if delivery_since is not None:
+        document["delivery"] = {"since": delivery_since}
+    if monthly_call_quota is not None:
+        document["dingtalk"]["monthly_call_quota"] = monthly_call_quota
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
 

@@ -141,6 +141,7 @@ def test_json_document(tmp_path: Path) -> None:
         "quarantined_reasons": [],
         "oldest_pending_stored_at": "2026-11-25T15:59:00+08:00",
         "outcome_unknown": 0,
+        "history": 0,
     }
     assert document["dingtalk"]["health"] == "ok"
     assert document["dingtalk"]["calls_this_month"] == 7

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 
 import structlog
@@ -21,6 +22,7 @@ from zkdingsync import __version__
 from zkdingsync.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, load_config
 from zkdingsync.config.schema import iter_keys
 from zkdingsync.errors import ConfigError, UserError
+from zkdingsync.history import parse_day
 from zkdingsync.logs import FORMATS, configure_logging, journal_prefix
 from zkdingsync.simulator.command import add_arguments as add_simulate_arguments
 
@@ -102,6 +104,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from zkdingsync.probe import probe
 
     config = load_settings(args, require_secrets=False, check_store=False)
+    if args.budget:
+        from zkdingsync.probe_budget import probe_budget
+
+        return probe_budget(config, args.names)
     return probe(config, args.names, users=config.users.map if args.users else None)
 
 
@@ -139,6 +145,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return backup_command(
         load_settings(args, require_secrets=False, check_store=False), args.dest, keep=args.keep
     )
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Queue never-delivered history punches of a window of days, within this month's DingTalk calls."""
+    from zkdingsync.backfill import BackfillRequest, backfill_command
+
+    request = BackfillRequest(
+        since=args.since,
+        until=args.until,
+        devices=tuple(args.device or ()),
+        dry_run=args.dry_run,
+        yes=args.yes,
+    )
+    return backfill_command(load_settings(args, require_secrets=False, check_store=False), request)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -253,6 +273,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _day(text: str) -> date:
+    try:
+        return parse_day(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every command."""
     parser = argparse.ArgumentParser(
@@ -319,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also list each terminal's enrolled users and the DingTalk userid users.map gives them",
     )
+    probe.add_argument(
+        "--budget",
+        action="store_true",
+        help="punches per day per terminal over the last 30 days (from the store, else from the terminals), "
+        "the monthly DingTalk calls that implies and the edition that covers it",
+    )
     retry = command(
         "retry",
         cmd_retry,
@@ -370,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with a directory: keep only the newest N dated copies there",
     )
+    backfill = command(
+        "backfill",
+        cmd_backfill,
+        "queue history punches of a window of days",
+        "Queue never-delivered history punches (recorded before a terminal was first polled, or before "
+        "delivery.since) of a window of days, read in each terminal's zone. Prints the uploads that costs "
+        "and the DingTalk calls left this month; refuses (exit 1) beyond the calls left unless --yes. "
+        "Works whether or not the daemon is running.",
+    )
+    backfill.add_argument("--since", type=_day, required=True, metavar="DATE", help="first day, YYYY-MM-DD")
+    backfill.add_argument("--until", type=_day, metavar="DATE", help="last day, YYYY-MM-DD (default: no end)")
+    backfill.add_argument(
+        "--device", action="append", metavar="NAME", help="only this terminal (repeat for more)"
+    )
+    backfill.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
+    backfill.add_argument("--yes", action="store_true", help="queue even beyond the calls left this month")
     simulate = command(
         "simulate",
         cmd_simulate,

@@ -22,6 +22,7 @@ class Delivery(str, enum.Enum):
     DELIVERED = "delivered"  # DingTalk confirmed it (or a read-back found it)
     PARKED = "parked"  # cannot be delivered until a human fixes something; `retry` re-queues it
     QUARANTINED = "quarantined"  # the punch itself is suspect (impossible or out-of-window time)
+    HISTORY = "history"  # recorded before delivery began (first contact or `delivery.since`): kept, not sent
 
 
 class AttendanceRecord(NamedTuple):

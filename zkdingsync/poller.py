@@ -21,6 +21,7 @@ import structlog
 
 from zkdingsync.backoff import Backoff
 from zkdingsync.devices.zk import ZkReader
+from zkdingsync.history import HistoryPolicy
 from zkdingsync.model import utc_now
 from zkdingsync.store import Store
 from zkdingsync.terminal_poll import (
@@ -65,13 +66,16 @@ class Poller:
         verify_every: timedelta = VERIFY_EVERY,
         on_new_punches: Callable[[], object] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        history: HistoryPolicy | None = None,
     ) -> None:
         """Given the terminals, the store and the poll settings, prepare a poller (no thread started).
 
         `clock` gives aware UTC wall-clock time (stamps, clock drift, quarantine); `reader` is the
         terminal adapter; `jitter` returns a float in [0, 1) for backoff jitter (tests pin it); `timer`
-        measures poll durations (monotonic seconds).
+        measures poll durations (monotonic seconds). `history` keeps punches recorded before delivery
+        begins out of the queue (see `zkdingsync.history`; None: every new punch is queued).
         """
+        self.history = history  # replaced whole by a reload
         self._poll = poll
         self._clock = clock
         self._reader: TerminalReader = reader if reader is not None else ZkReader()
@@ -91,6 +95,7 @@ class Poller:
             verify_every=verify_every,
             jitter=self._jitter,
             on_new_punches=on_new_punches,
+            history=lambda: self.history,
         )
         now = clock()
         self._terminals: dict[str, PolledTerminal] = {d.name: PolledTerminal(d, now) for d in devices}
@@ -107,10 +112,17 @@ class Poller:
         reader: TerminalReader | None = None,
         clock: Callable[[], datetime] = utc_now,
         on_new_punches: Callable[[], object] | None = None,
+        history: HistoryPolicy | None = None,
     ) -> Poller:
         """Given a loaded Config and the store, return a poller of its terminals with the real adapter."""
         return cls(
-            config.devices, store, poll=config.poll, clock=clock, reader=reader, on_new_punches=on_new_punches
+            config.devices,
+            store,
+            poll=config.poll,
+            clock=clock,
+            reader=reader,
+            on_new_punches=on_new_punches,
+            history=history,
         )
 
     # --------------------------------------------------------------------------------- schedule

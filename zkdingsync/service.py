@@ -31,6 +31,7 @@ from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.robot import RobotNotifier
 from zkdingsync.errors import ConfigError, StoreError, StoreLockedError, UserError
 from zkdingsync.forwarder import Forwarder
+from zkdingsync.history import HistoryPolicy
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, utc_now
 from zkdingsync.poller import Poller
@@ -160,7 +161,12 @@ class Daemon:
             stop_event=self.signals.stop,
             alert=self.notifier.notify if self.notifier else None,
         )
-        self.poller = Poller.from_config(config, store=self.store, on_new_punches=self.forwarder.wake)
+        self.poller = Poller.from_config(
+            config,
+            store=self.store,
+            on_new_punches=self.forwarder.wake,
+            history=HistoryPolicy(config.delivery.since),
+        )
         self.status_line = StatusLine(
             self.store,
             self.forwarder,
@@ -286,6 +292,7 @@ class Daemon:
                 "config.reload_dingtalk_ignored", hint="restart the service to apply dingtalk changes"
             )
         self.poller.update_devices(new.devices, new.poll)
+        self.poller.history = HistoryPolicy(new.delivery.since)  # for punches stored from now on
         self.mapper.update(new.users.map, match_job_number=new.users.match_job_number)
         self.config = new
         log.info("config.reloaded", terminals=len(new.devices))

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 from zkdingsync.errors import StoreError
 from zkdingsync.model import Delivery, HealthState
 from zkdingsync.printable import printable
-from zkdingsync.quota import QUOTA_WARNING_SHARE, call_month
+from zkdingsync.quota import QUOTA_WARNING_SHARE, RATE_DAYS, Forecast, call_month, forecast_month
 from zkdingsync.redaction import redact_text
 from zkdingsync.store import Checkpoint, Store
 
@@ -96,6 +96,7 @@ class DeliveryStatus:
     quarantined_reasons: tuple[ReasonCount, ...]
     oldest_pending_stored_at: datetime | None
     outcome_unknown: int  # punches whose upload outcome was ever unknown (a duplicate may exist)
+    history: int = 0  # kept but not queued: recorded before delivery began (`backfill` sends them)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class DingTalkStatus:
     month: str
     calls_this_month: int
     monthly_call_quota: int
+    forecast: Forecast | None = None  # the month at the last 7 days' rate
 
 
 @dataclass(frozen=True)
@@ -194,15 +196,29 @@ def _collect(
         quarantined_reasons=_reasons(store.park_reasons(TOP_REASONS, delivery=Delivery.QUARANTINED), secrets),
         oldest_pending_stored_at=store.oldest_stored_at(Delivery.PENDING),
         outcome_unknown=store.outcome_unknown_count(),
+        history=counts[Delivery.HISTORY],
     )
     health = store.dingtalk_health()
     month = call_month(now, local_tz)
+    used = store.calls_in_month(month)
+    local_day = now.astimezone(local_tz).date()
+    forecast = forecast_month(
+        used=used,
+        calls_by_day=store.calls_by_day(
+            (local_day - timedelta(days=RATE_DAYS)).isoformat(), local_day.isoformat()
+        ),
+        now=now,
+        zone=local_tz,
+        quota=month_quota,
+        counting_since=store.first_counted_day(),
+    )
     dingtalk = DingTalkStatus(
         health=None if health is None else _scrub(health.text(), secrets),
         health_at=None if health is None else health.at,
         month=month,
-        calls_this_month=store.calls_in_month(month),
+        calls_this_month=used,
         monthly_call_quota=month_quota,
+        forecast=forecast,
     )
     return StatusReport(
         generated_at=now,
@@ -324,6 +340,13 @@ def needs_attention(report: StatusReport) -> list[str]:
     calls = report.dingtalk.calls_this_month
     if quota > 0 and calls >= QUOTA_WARNING_SHARE * quota:
         lines.append(f"DingTalk calls this month: {calls} of {quota} ({calls / quota:.0%})")
+    forecast = report.dingtalk.forecast
+    if quota > 0 and forecast is not None and forecast.forecast > quota and calls < quota:
+        runs_out = f"; the quota runs out on {forecast.exhausted_on}" if forecast.exhausted_on else ""
+        lines.append(
+            f"DingTalk calls this month are forecast at {forecast.forecast} of {quota} at the last "
+            f"{RATE_DAYS} days' rate ({forecast.per_day:.0f} a day){runs_out}"
+        )
     return lines
 
 
@@ -339,6 +362,7 @@ def render_json(report: StatusReport) -> str:
     zone = _zone(report)
     delivery = report.delivery
     quota = report.dingtalk.monthly_call_quota
+    forecast = report.dingtalk.forecast
     document: dict[str, Any] = {
         "generated_at": _iso(report.generated_at, zone),
         "timezone": report.timezone,
@@ -377,6 +401,7 @@ def render_json(report: StatusReport) -> str:
             ],
             "oldest_pending_stored_at": _iso(delivery.oldest_pending_stored_at, zone),
             "outcome_unknown": delivery.outcome_unknown,
+            "history": delivery.history,
         },
         "dingtalk": {
             "health": report.dingtalk.health,
@@ -385,6 +410,11 @@ def render_json(report: StatusReport) -> str:
             "calls_this_month": report.dingtalk.calls_this_month,
             "monthly_call_quota": quota,
             "quota_used_percent": round(100 * report.dingtalk.calls_this_month / quota, 1) if quota else None,
+            "calls_per_day": round(forecast.per_day, 1) if forecast else None,
+            "forecast_calls_this_month": forecast.forecast if forecast else None,
+            "quota_exhausted_on": (
+                forecast.exhausted_on.isoformat() if forecast and forecast.exhausted_on else None
+            ),
         },
     }
     return json.dumps(document, ensure_ascii=False, indent=2)
@@ -431,6 +461,11 @@ def render_text(report: StatusReport) -> str:
     lines.extend(f"    {r.count:>6}  {r.reason}" for r in delivery.parked_reasons)
     lines.append(f"  quarantined      {delivery.quarantined}")
     lines.extend(f"    {r.count:>6}  {r.reason}" for r in delivery.quarantined_reasons)
+    if delivery.history:
+        lines.append(
+            f"  history          {delivery.history} (kept, not sent: recorded before delivery began; "
+            "`zkdingsync backfill` sends them)"
+        )
     if delivery.outcome_unknown:
         lines.append(
             f"  unknown outcome  {delivery.outcome_unknown} (an upload's answer was lost; read back)"
@@ -446,8 +481,14 @@ def render_text(report: StatusReport) -> str:
         "DingTalk",
         f"  health           {health}{health_at}",
         f"  calls {dingtalk.month}    {dingtalk.calls_this_month} of {quota}{share}",
-        "",
     ]
+    if dingtalk.forecast is not None:
+        forecast = dingtalk.forecast
+        runs_out = f", quota runs out on {forecast.exhausted_on}" if forecast.exhausted_on else ""
+        lines.append(
+            f"  forecast         {forecast.forecast} this month at {forecast.per_day:.0f} a day{runs_out}"
+        )
+    lines.append("")
     attention = needs_attention(report)
     if attention:
         lines.append("Needs attention")

@@ -31,6 +31,7 @@ import structlog
 
 from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, LogTail, TerminalCancelled
 from zkdingsync.errors import StoreError, TerminalError
+from zkdingsync.history import HistoryPolicy, log_first_contact
 from zkdingsync.model import AttendanceRecord, Punch
 from zkdingsync.store import Checkpoint, LogEnd, Store, UidNames
 from zkdingsync.terminal_health import TerminalHealth
@@ -193,8 +194,10 @@ class TerminalPoll:
         verify_every: timedelta = VERIFY_EVERY,
         jitter: Callable[[], float],
         on_new_punches: Callable[[], object] | None = None,
+        history: Callable[[], HistoryPolicy | None] = lambda: None,
     ) -> None:
-        """Given the store, the terminal adapter and the poller's policies, prepare to run polls."""
+        """Given the store, the terminal adapter and the poller's policies (`history`: the history policy
+        in force, None: every new punch is queued), prepare to run polls."""
         self._store = store
         self._reader = reader
         self._settings = settings
@@ -205,6 +208,7 @@ class TerminalPoll:
         self._verify_every = verify_every
         self._jitter = jitter
         self._on_new_punches = on_new_punches
+        self._history = history
         self._store_failing = False
 
     def run(self, terminal: PolledTerminal, now: datetime, cancel: threading.Event | None) -> PollResult:
@@ -295,8 +299,11 @@ class TerminalPoll:
         if read.offset_reads is False:
             terminal.health.no_offset_reads(read.offset_problem)
         wall = self._clock()
+        policy = self._history()
         try:
-            new, quarantined = self._save(terminal, read, wall)
+            new, quarantined = self._save(terminal, read, wall, policy)
+            if policy is not None and (known is None or known.first_contact is None):
+                log_first_contact(self._store.history_held(device.name))
         except StoreError as error:
             return self._store_failed(terminal, now, error, started)
         if self._store_failing:
@@ -337,9 +344,12 @@ class TerminalPoll:
             duration_ms=duration_ms,
         )
 
-    def _save(self, terminal: PolledTerminal, read: LogRead, wall: datetime) -> tuple[int, int]:
-        """Store the read's records in batches, the checkpoint with the last one; return (new,
-        quarantined)."""
+    def _save(
+        self, terminal: PolledTerminal, read: LogRead, wall: datetime, policy: HistoryPolicy | None
+    ) -> tuple[int, int]:
+        """Store the read's records in batches, the checkpoint with the last one (history kept out of the
+        queue by `policy`); return (new, quarantined)."""
+        history = policy.rule(terminal.zone) if policy is not None else None
         state, poll = read.state, self._settings()
         classifier = Classifier(
             device=terminal.device.name,
@@ -352,7 +362,7 @@ class TerminalPoll:
         batch: list[Punch] = []
         for records in read.batches(BATCH_RECORDS):
             if batch:  # not the last batch: stored without moving the checkpoint
-                new += self._store.save_punches(batch, polled_at=wall)
+                new += self._store.save_punches(batch, polled_at=wall, history=history)
             if read.record_size == 8:
                 records = self._resolve_uids(terminal, state.serial, records, read.users_by_uid or {})
             batch = classifier.classify_all(records)
@@ -370,6 +380,7 @@ class TerminalPoll:
             info=state.info,
             drift_seconds=state.drift_seconds,
             log_end=log_end,
+            history=history,
         )
         return new, quarantined
 

@@ -7,6 +7,7 @@ frozen objects the rest of the program reads (`objects.py`).
 from zkdingsync.config.load import load_config, store_problem
 from zkdingsync.config.objects import (
     Config,
+    DeliveryConfig,
     DeviceConfig,
     DingTalkConfig,
     LogConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_CONFIG_PATH",
     "Config",
+    "DeliveryConfig",
     "DeviceConfig",
     "DingTalkConfig",
     "LogConfig",

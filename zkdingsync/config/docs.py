@@ -148,6 +148,7 @@ def _type_text(key: Key) -> str:
         "url": "http(s) URL",
         "path": "file path",
         "time_of_day": '`"HH:MM"`',
+        "date": "date `YYYY-MM-DD`",
         "user_map": 'mapping `"enroll number": userid`',
         "section": "section",
         "list": "list of sections",

@@ -276,6 +276,7 @@ def _build(values: dict[str, Any], source: Path) -> Config:
         store=result.store,
         poll=result.poll,
         users=frozen_users,
+        delivery=result.delivery,
         log=result.log,
         timezone=result.timezone,
         source=source,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from types import MappingProxyType
 from zoneinfo import ZoneInfo
@@ -76,6 +77,13 @@ class UsersConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """Which punches are delivered: those recorded from `since` on (None: from each terminal's first poll)."""
+
+    since: date | None = None
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """One terminal."""
 
@@ -110,6 +118,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     poll: PollConfig = field(default_factory=PollConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     timezone: str = DEFAULT_TIMEZONE
     source: Path | None = None  # the file it was loaded from

@@ -28,6 +28,7 @@ REQUIRED: Any = _Required()
 #   url       http(s)://host[:port]     path      file path (relative = to the config file's directory)
 #   name      printable text, no spaces at the ends, at most 64 characters
 #   time_of_day  "HH:MM", 24-hour
+#   date      a calendar day, YYYY-MM-DD
 #   user_map  mapping of enroll-number digits -> DingTalk userid
 # Container kinds: section (mapping of `children`), list (sequence of sections described by `children`).
 SCALAR_KINDS = frozenset(
@@ -44,6 +45,7 @@ SCALAR_KINDS = frozenset(
         "path",
         "name",
         "time_of_day",
+        "date",
     }
 )
 
@@ -328,6 +330,26 @@ SCHEMA = Key(
                     "boolean",
                     "Also map an enroll number to the DingTalk user whose job number (工号) equals it.",
                     default=False,
+                ),
+            ),
+        ),
+        Key(
+            "delivery",
+            "section",
+            "Which punches are delivered to DingTalk.",
+            dataclass=objects.DeliveryConfig,
+            default=None,
+            children=(
+                Key(
+                    "since",
+                    "date",
+                    "Deliver punches recorded from this day on (YYYY-MM-DD, in each terminal's zone). "
+                    "Older punches found on a terminal are kept as history, shown by `status` and sent "
+                    "only by `zkdingsync backfill`: they may already be in DingTalk, and every upload "
+                    "is a metered call. Applies to punches as they are first stored.",
+                    default=None,
+                    default_text="the day each terminal was first polled",
+                    example="2026-11-01",
                 ),
             ),
         ),

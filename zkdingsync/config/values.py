@@ -11,6 +11,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from zkdingsync.config.schema import Key
 from zkdingsync.config.tree import INT_TAG, INVALID, Node, Problems, describe, did_you_mean, plain
+from zkdingsync.history import parse_day
 from zkdingsync.hosts import check_host
 from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 
@@ -86,6 +88,8 @@ class Values:
             if not self._in_range(key, value, line, path):
                 return INVALID
             return float(value) if kind == "number" else value
+        if kind == "date":
+            return self._date(value, line, path)
         # Every other kind is text.
         if kind == "time_of_day" and isinstance(value, int) and not isinstance(value, bool):
             self.problems.add(
@@ -126,6 +130,18 @@ class Values:
         if kind == "path":
             return self.path_value(Path(value))
         return value
+
+    def _date(self, value: Any, line: int, path: str) -> Any:
+        """A calendar day: YAML reads an unquoted 2026-11-01 as a date already; quoted, it is text."""
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_day(value.strip())
+            except ValueError:
+                pass
+        self.problems.add(line, path, f"must be a date YYYY-MM-DD, got {describe(value)}")
+        return INVALID
 
     def _wrong(self, key: Key, value: Any, line: int, path: str) -> Any:
         self.problems.add(line, path, f"must be {kind_text(key)}, got {describe(value)}")
@@ -268,6 +284,7 @@ def kind_text(key: Key) -> str:
         "path": "a file path",
         "secret": "text",
         "time_of_day": 'a time of day "HH:MM"',
+        "date": "a date YYYY-MM-DD",
     }.get(key.kind, key.kind)
 
 

@@ -9,7 +9,8 @@ forwarder never sees a `requests` or SDK exception. The parts:
 - `call_counts.py`: the monthly call count, written to the store in groups.
 
 Monthly quota: every upload and read-back call that may have reached DingTalk is counted under its month in
-the organisation's timezone (`quota.call_month`: "2026-11"), the month `status` and the forwarder read.
+the organisation's timezone (`quota.call_month`: "2026-11"), the month `status` and the forwarder read, and
+under its day there (`quota.call_day`), for `status`'s forecast.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from zkdingsync.dingtalk.tokens import AccessTokens, TokenCache
 from zkdingsync.dingtalk.transport import MAX_ANSWER_BYTES, MAX_LIST_ANSWER_BYTES, NOT_SENT, Transport
 from zkdingsync.errors import ZkdingsyncError
 from zkdingsync.model import Directory, Outcome, OutcomeKind, Upload, utc_now
-from zkdingsync.quota import call_month
+from zkdingsync.quota import call_day, call_month
 
 log = structlog.get_logger(__name__)
 
@@ -129,7 +130,9 @@ class DingTalkClient:
         self._clock = clock
         self._transport = Transport(app_key, app_secret, self.api_base, self.timeout_seconds, pool_size)
         self._tokens = AccessTokens(app_key, app_secret, transport=self._transport, cache=store, clock=clock)
-        self._counter = CallCounter(store, month_of=self.month_of, clock=clock)
+        self._counter = CallCounter(
+            store, month_of=self.month_of, clock=clock, day_of=lambda at: call_day(at, self._org_zone)
+        )
 
     @classmethod
     def from_settings(

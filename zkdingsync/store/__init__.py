@@ -9,6 +9,7 @@ checkpoint moves in the same transaction: it can never run ahead of durable stor
 - `terminals.Terminals`: checkpoints, a poll's punches stored with its checkpoint, the uid memo.
 - `queue.PunchQueue`: the delivery queue (claim, delivered, pending, unknown, parked, requeue).
 - `counts.PunchCounts`: counts and lists for `status` and the tools.
+- `history.HistoryPunches`: punches kept as history, queued by window (`backfill`), punches per day.
 - `state.SmallState`: typed key-values (token, health, refresh request, probe, daily report), call
   counts, job numbers.
 - `evidence.Evidence`: HR's export (a window of punches, one row at a time), employee names, the online
@@ -22,6 +23,7 @@ from zkdingsync.model import StoredPunch
 from zkdingsync.store.connection import BUSY_TIMEOUT_MS
 from zkdingsync.store.counts import PunchCounts
 from zkdingsync.store.evidence import Evidence, ExportedPunch, ExportWindow
+from zkdingsync.store.history import HistoryPunches
 from zkdingsync.store.queue import PunchQueue
 from zkdingsync.store.reports import DayReports
 from zkdingsync.store.state import SmallState
@@ -40,5 +42,5 @@ __all__ = [
 ]
 
 
-class Store(Terminals, PunchQueue, PunchCounts, SmallState, Evidence, DayReports):
+class Store(Terminals, PunchQueue, PunchCounts, HistoryPunches, SmallState, Evidence, DayReports):
     """The SQLite store. Open it with `Store.open(path)`; thread-safe; a context manager."""

@@ -94,3 +94,21 @@ def m004_log_tail(db: sqlite_utils.Database) -> None:
     reads a buffer from an offset (NULL: not known yet)."""
     db.execute("ALTER TABLE checkpoints ADD COLUMN last_record BLOB")
     db.execute("ALTER TABLE checkpoints ADD COLUMN offset_reads INTEGER")
+
+
+@migrations()
+def m005_history_and_daily_calls(db: sqlite_utils.Database) -> None:
+    """History (punches kept but not queued) needs each terminal's first contact; the budget forecast
+    needs calls per day; bulk parking groups the pending punches by enroll number; live first takes the
+    newest pending punches."""
+    db.execute("ALTER TABLE checkpoints ADD COLUMN first_contact TEXT")
+    # A store from before: its terminals were met when their first punch was stored (else at their last
+    # successful poll), so nothing already being delivered turns into history.
+    db.execute(
+        "UPDATE checkpoints SET first_contact = coalesce("
+        "(SELECT min(stored_at) FROM punches WHERE punches.device = checkpoints.device), last_success)"
+    )
+    db.execute("CREATE TABLE api_calls_daily (day TEXT PRIMARY KEY, calls INTEGER NOT NULL)")
+    db.execute("CREATE INDEX punches_pending_enroll ON punches (enroll_number) WHERE delivery = 'pending'")
+    db.execute("CREATE INDEX punches_pending_stored ON punches (stored_at) WHERE delivery = 'pending'")
+    db.execute("CREATE INDEX punches_history ON punches (device, check_time_ms) WHERE delivery = 'history'")

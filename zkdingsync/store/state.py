@@ -121,15 +121,36 @@ class SmallState(Connection):
 
     # ------------------------------------------------------------------ monthly call budget
 
-    def count_calls(self, month: str, n: int = 1) -> int:
-        """Add `n` DingTalk calls to `month` ("2026-11") and return the month's new total."""
+    def count_calls(self, month: str, n: int = 1, *, day: str | None = None) -> int:
+        """Add `n` DingTalk calls to `month` ("2026-11") and, when given, to `day` ("2026-11-19", in the
+        same month) for the forecast; return the month's new total."""
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO api_calls (month, calls) VALUES (?, ?) "
                 "ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls",
                 (month, n),
             )
+            if day is not None:
+                conn.execute(
+                    "INSERT INTO api_calls_daily (day, calls) VALUES (?, ?) "
+                    "ON CONFLICT (day) DO UPDATE SET calls = calls + excluded.calls",
+                    (day, n),
+                )
             return int(conn.execute("SELECT calls FROM api_calls WHERE month = ?", (month,)).fetchone()[0])
+
+    def calls_by_day(self, first_day: str, last_day: str) -> dict[str, int]:
+        """Return the calls counted on each day from `first_day` to `last_day` ("2026-11-19"), both
+        included; days without calls are left out."""
+        rows = self._query(
+            "SELECT day, calls FROM api_calls_daily WHERE day >= ? AND day <= ? ORDER BY day",
+            (first_day, last_day),
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+    def first_counted_day(self) -> str | None:
+        """Return the first day ("2026-11-19") on which calls were counted per day, or None."""
+        rows = self._query("SELECT min(day) FROM api_calls_daily")
+        return rows[0][0] if rows and rows[0][0] else None
 
     def calls_in_month(self, month: str) -> int:
         """Return how many DingTalk calls were counted in `month`."""

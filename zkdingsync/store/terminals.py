@@ -7,7 +7,9 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from zkdingsync.history import HistoryRule
 from zkdingsync.model import Delivery, Punch, TerminalInfo
 from zkdingsync.store.connection import UPSERT_KV, Connection, iso, parse_time
 from zkdingsync.store.uid_names import UidNames
@@ -35,6 +37,7 @@ class Checkpoint:
     record_capacity: int | None
     last_record: bytes | None = None  # the raw bytes of the last record stored (for tail reads)
     offset_reads: bool | None = None  # does the firmware read from an offset? None: not known yet
+    first_contact: datetime | None = None  # the first successful poll: delivery begins that day
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def _checkpoint(row: sqlite3.Row) -> Checkpoint:
         record_capacity=row["record_capacity"],
         last_record=row["last_record"],
         offset_reads=None if row["offset_reads"] is None else bool(row["offset_reads"]),
+        first_contact=parse_time(row["first_contact"]),
     )
 
 
@@ -91,17 +95,20 @@ class Terminals(Connection):
         info: TerminalInfo | None = None,
         drift_seconds: float | None = None,
         log_end: LogEnd | None = None,
+        history: HistoryRule | None = None,
     ) -> int:
         """Store a successful poll in one transaction and return how many punches were new.
 
         Punches already known (by their natural key) are left as they are, whatever their delivery state, so
-        re-reading a whole log queues nothing twice. New punches become pending, or quarantined when they
-        carry a quarantine reason. The checkpoint moves in the same transaction (with `log_end`, the last
-        record read, for the next tail read). Raise StoreError (nothing written) when the disk refuses.
+        re-reading a whole log queues nothing twice. New punches become pending, quarantined when they
+        carry a quarantine reason, or history when `history` is given and they were recorded before
+        delivery begins (`HistoryRule`; the first successful poll is the terminal's first contact). The
+        checkpoint moves in the same transaction (with `log_end`, the last record read, for the next tail
+        read). Raise StoreError (nothing written) when the disk refuses.
         """
         now = iso(polled_at)
         with self._transaction() as conn:
-            new = _insert_punches(conn, punches, now)
+            new = _insert_punches(conn, punches, now, _delivery_starts_ms(conn, device, history, polled_at))
             # A poll that succeeds ends an outage: keep it for the daily report.
             conn.execute(
                 "INSERT INTO outages (device, down_since, up_at) SELECT device, down_since, ? "
@@ -117,12 +124,18 @@ class Terminals(Connection):
                 )
         return new
 
-    def save_punches(self, punches: Sequence[Punch], *, polled_at: datetime) -> int:
+    def save_punches(
+        self, punches: Sequence[Punch], *, polled_at: datetime, history: HistoryRule | None = None
+    ) -> int:
         """Store one batch of a big read without moving the checkpoint (the last batch goes with
-        `save_poll`): a crash between batches leaves the checkpoint behind what is stored, never ahead.
-        Return how many punches were new; raise StoreError (nothing written) when the disk refuses."""
+        `save_poll`, `history` as there): a crash between batches leaves the checkpoint behind what is
+        stored, never ahead. Return how many punches were new; raise StoreError (nothing written) when the
+        disk refuses."""
+        if not punches:
+            return 0
         with self._transaction() as conn:
-            return _insert_punches(conn, punches, iso(polled_at))
+            starts_ms = _delivery_starts_ms(conn, punches[0].device, history, polled_at)
+            return _insert_punches(conn, punches, iso(polled_at), starts_ms)
 
     def record_poll_failure(self, device: str, *, error: str, at: datetime) -> Checkpoint:
         """Remember a failed poll (the first failure of an outage sets `down_since`); return it."""
@@ -156,33 +169,58 @@ class Terminals(Connection):
         self._update(UPSERT_KV, (_UID_NAMES_KEY.format(serial=serial), names.dump(), None))
 
 
-def _insert_punches(conn: sqlite3.Connection, punches: Sequence[Punch], now: str) -> int:
+def _delivery_starts_ms(
+    conn: sqlite3.Connection, device: str, history: HistoryRule | None, polled_at: datetime
+) -> int | None:
+    """The first epoch ms a terminal's new punches are queued from (None: all): the history rule applied
+    to its first contact, which is this poll when the terminal has none yet."""
+    if history is None:
+        return None
+    known = conn.execute("SELECT first_contact FROM checkpoints WHERE device = ?", (device,)).fetchone()
+    first_contact = parse_time(known[0]) if known is not None else None
+    return history.delivery_starts_ms(first_contact or polled_at)
+
+
+def _insert_punches(
+    conn: sqlite3.Connection, punches: Sequence[Punch], now: str, delivery_starts_ms: int | None
+) -> int:
     """Insert the punches the store does not know yet (inside a transaction); return how many."""
-    rows = [
-        (
-            p.serial,
-            p.enroll_number,
-            p.local_time,
-            p.punch_state,
-            p.verify_mode,
-            p.device,
-            p.check_time_ms,
-            p.workcode,
-            now,
-            Delivery.QUARANTINED.value if p.quarantine_reason else Delivery.PENDING.value,
-            p.quarantine_reason,
-            now,
-        )
-        for p in punches
-    ]
     before = conn.total_changes
     conn.executemany(
         "INSERT OR IGNORE INTO punches (serial, enroll_number, local_time, punch_state, verify_mode, "
         "device, check_time_ms, workcode, stored_at, delivery, reason, next_attempt_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
+        (_insert_row(p, now, delivery_starts_ms) for p in punches),
     )
     return conn.total_changes - before
+
+
+def _insert_row(punch: Punch, stored_at: str, delivery_starts_ms: int | None) -> tuple[Any, ...]:
+    """The punches row of a newly read punch: history when recorded before delivery begins (a history
+    punch older than DingTalk's window is not quarantined: nothing is asked of anyone), else quarantined
+    when it carries a reason, else pending."""
+    reason = punch.quarantine_reason
+    moment = punch.check_time_ms
+    if delivery_starts_ms is not None and moment is not None and moment < delivery_starts_ms:
+        delivery, reason = Delivery.HISTORY, None
+    elif reason:
+        delivery = Delivery.QUARANTINED
+    else:
+        delivery = Delivery.PENDING
+    return (
+        punch.serial,
+        punch.enroll_number,
+        punch.local_time,
+        punch.punch_state,
+        punch.verify_mode,
+        punch.device,
+        moment,
+        punch.workcode,
+        stored_at,
+        delivery.value,
+        reason,
+        stored_at,
+    )
 
 
 def _save_checkpoint(
@@ -200,8 +238,8 @@ def _save_checkpoint(
         """
             INSERT INTO checkpoints (device, serial, record_count, record_size, last_poll, last_success,
                 last_error, down_since, drift_seconds, firmware, platform, users, user_capacity,
-                record_capacity)
-            VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)
+                record_capacity, first_contact)
+            VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (device) DO UPDATE SET
                 serial = excluded.serial, record_count = excluded.record_count,
                 record_size = COALESCE(excluded.record_size, checkpoints.record_size),
@@ -212,7 +250,8 @@ def _save_checkpoint(
                 platform = COALESCE(excluded.platform, checkpoints.platform),
                 users = COALESCE(excluded.users, checkpoints.users),
                 user_capacity = COALESCE(excluded.user_capacity, checkpoints.user_capacity),
-                record_capacity = COALESCE(excluded.record_capacity, checkpoints.record_capacity)
+                record_capacity = COALESCE(excluded.record_capacity, checkpoints.record_capacity),
+                first_contact = COALESCE(checkpoints.first_contact, excluded.first_contact)
             """,
         (
             device,
@@ -227,5 +266,6 @@ def _save_checkpoint(
             info.users if info else None,
             info.user_capacity if info else None,
             info.record_capacity if info else None,
+            now,
         ),
     )
