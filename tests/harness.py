@@ -230,6 +230,7 @@ def write_config(
     readback_delay_seconds: float = 2.0,
     delivery_since: str | None = "2000-01-01",
     monthly_call_quota: int | None = None,
+    rate_per_second: float | None = None,
 ) -> Path:
     """Given where things are, write a daemon config (terminals on 127.0.0.1) to `path`; return it.
 
@@ -256,8 +257,12 @@ def write_config(
     }
     if delivery_since is not None:
         document["delivery"] = {"since": delivery_since}
+    dingtalk = document["dingtalk"]
+    assert isinstance(dingtalk, dict)  # noqa: S101 - built just above
     if monthly_call_quota is not None:
-        document["dingtalk"]["monthly_call_quota"] = monthly_call_quota
+        dingtalk["monthly_call_quota"] = monthly_call_quota
+    if rate_per_second is not None:
+        dingtalk["rate_per_second"] = rate_per_second
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
 

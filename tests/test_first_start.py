@@ -1,0 +1,102 @@
+"""First start, backlogs and the monthly budget, through the real `zkdingsync run` process and the fakes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
+from harness import DaemonProcess, run_cli, write_config
+
+from zkdingsync.dingtalk.fake import FakeDingTalk
+from zkdingsync.simulator import FakeTerminal
+
+USERS = {"1001": "alice", "1002": "bob", "1003": "carol"}
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+APP_KEY = "dingfirst"
+APP_SECRET = "first-start-secret-5678"
+
+
+@pytest.fixture
+def dingtalk() -> Iterator[FakeDingTalk]:
+    with FakeDingTalk(users=USERS.values(), app_key=APP_KEY, app_secret=APP_SECRET) as fake:
+        yield fake
+
+
+def configure(tmp_path: Path, dingtalk: FakeDingTalk, fleet: dict[str, FakeTerminal], **changes: Any) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        store=tmp_path / "zk.db",
+        api_base=dingtalk.url,
+        devices=[(name, terminal.port) for name, terminal in fleet.items()],
+        users=USERS,
+        app_key=APP_KEY,
+        app_secret=APP_SECRET,
+        dingtalk_timeout_seconds=2,
+        **changes,
+    )
+
+
+def status(config: Path) -> dict[str, Any]:
+    result = run_cli(["status", "--json", "-c", str(config)])
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def received(dingtalk: FakeDingTalk) -> Counter[str]:
+    """The Shanghai wall-clock time of every upload DingTalk accepted, with how often."""
+    return Counter(
+        datetime.fromtimestamp(int(u["user_check_time"]) / 1000, SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+        for u in dingtalk.uploads
+    )
+
+
+def test_first_start_sends_today_and_backfill_sends_the_window_once(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(serial="FIRST001", record_size=40, users=3, records=0)
+    now = datetime.now(SHANGHAI)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    # 290 punches on the 20 days before today, 10 today (between midnight and now).
+    old = [(midnight - timedelta(days=1 + i % 20)).replace(hour=8) + timedelta(seconds=i) for i in range(290)]
+    today = [midnight + (now - midnight) * (k + 1) / 12 for k in range(10)]
+    for n, moment in enumerate(old + today):
+        lobby.add_punch(str(1001 + n % 3), moment.replace(tzinfo=None, microsecond=0))
+    config = configure(tmp_path, dingtalk, {"lobby": lobby}, delivery_since=None, rate_per_second=15)
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        wait_for(lambda: len(dingtalk.uploads) >= 10, timeout=30, interval=0.05)
+        document = wait_for(
+            lambda: (d := status(config))["delivery"]["delivered_total"] == 10 and d, timeout=20, interval=0.2
+        )
+        assert document["delivery"]["history"] == 290
+        assert document["delivery"]["pending"] == 0
+        assert sorted(received(dingtalk)) == sorted(m.strftime("%Y-%m-%d %H:%M:%S") for m in today)
+        [held] = daemon.events("history.held")
+        assert (held["device"], held["punches"]) == ("lobby", 290)
+        first_day = (midnight - timedelta(days=20)).date().isoformat()
+        assert held["deliver_with"].startswith(f"zkdingsync backfill --since {first_day} ")
+
+        since = (midnight - timedelta(days=10)).date().isoformat()
+        backfill = run_cli(["backfill", "-c", str(config), "--since", since, "--yes"])
+        assert backfill.returncode == 0, backfill.stderr
+        window = [m for m in old if m >= midnight - timedelta(days=10)]
+        assert f"{len(window)} uploads" in backfill.stdout
+        wait_for(lambda: len(dingtalk.uploads) >= 10 + len(window), timeout=40, interval=0.1)
+        wait_for(lambda: status(config)["delivery"]["pending"] == 0, timeout=20, interval=0.2)
+    finally:
+        code = daemon.terminate(timeout=10)
+    assert code == 0, daemon.stderr()[-3000:]
+    expected = sorted(m.strftime("%Y-%m-%d %H:%M:%S") for m in today + window)
+    got = received(dingtalk)
+    assert sorted(got) == expected
+    assert max(got.values()) == 1  # once each
+    assert status(config)["delivery"]["history"] == 290 - len(window)
+    assert len(daemon.events("history.held")) == 1
+    assert "Traceback" not in daemon.stderr()
