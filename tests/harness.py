@@ -258,7 +258,7 @@ def write_config(
     if delivery_since is not None:
         document["delivery"] = {"since": delivery_since}
     dingtalk = document["dingtalk"]
-    assert isinstance(dingtalk, dict)  # noqa: S101 - built just above
+    assert isinstance(dingtalk, dict)
     if monthly_call_quota is not None:
         dingtalk["monthly_call_quota"] = monthly_call_quota
     if rate_per_second is not None:

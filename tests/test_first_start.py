@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -15,7 +16,9 @@ from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  #
 from harness import DaemonProcess, run_cli, write_config
 
 from zkdingsync.dingtalk.fake import FakeDingTalk
-from zkdingsync.simulator import FakeTerminal
+from zkdingsync.model import TerminalUser
+from zkdingsync.simulator import FakeTerminal, history_start
+from zkdingsync.timeconv import local_to_epoch_ms
 
 USERS = {"1001": "alice", "1002": "bob", "1003": "carol"}
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -47,6 +50,12 @@ def status(config: Path) -> dict[str, Any]:
     result = run_cli(["status", "--json", "-c", str(config)])
     document: dict[str, Any] = json.loads(result.stdout)
     return document
+
+
+def local_ms(local_time: str) -> int:
+    ms = local_to_epoch_ms(local_time, SHANGHAI)
+    assert ms is not None
+    return ms
 
 
 def received(dingtalk: FakeDingTalk) -> Counter[str]:
@@ -100,3 +109,78 @@ def test_first_start_sends_today_and_backfill_sends_the_window_once(
     assert status(config)["delivery"]["history"] == 290 - len(window)
     assert len(daemon.events("history.held")) == 1
     assert "Traceback" not in daemon.stderr()
+
+
+def test_a_punch_read_now_goes_ahead_of_the_backlog(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal]
+) -> None:
+    with FakeDingTalk(
+        users=USERS.values(), app_key=APP_KEY, app_secret=APP_SECRET, latency_seconds=0.05
+    ) as dingtalk:
+        queued = 300
+        lobby = terminals(
+            serial="LIVE0001", record_size=40, users=3, records=queued, first_punch=history_start(queued)
+        )
+        config = configure(tmp_path, dingtalk, {"lobby": lobby}, rate_per_second=15)
+        daemon = DaemonProcess(config, tmp_path)
+        try:
+            wait_for(lambda: len(dingtalk.uploads) >= 30, timeout=30, interval=0.02)
+            record = lobby.add_punch("1001", punch_state=1)
+            assert record is not None
+            landed = time.monotonic()
+            live = local_ms(record.local_time)
+            wait_for(
+                lambda: live in {int(u["user_check_time"]) for u in dingtalk.uploads},
+                timeout=10,
+                interval=0.01,
+            )
+            waited = time.monotonic() - landed
+            backlog_left = queued + 1 - len(dingtalk.uploads)
+            wait_for(lambda: len(dingtalk.uploads) >= queued + 1, timeout=60, interval=0.1)
+            wait_for(lambda: status(config)["delivery"]["pending"] == 0, timeout=20, interval=0.2)
+        finally:
+            code = daemon.terminate(timeout=10)
+        assert code == 0, daemon.stderr()[-3000:]
+    # Within the poll interval (1 s) plus 3 s, while most of the backlog still waited.
+    assert waited < 1 + 3, waited
+    assert backlog_left > queued // 2
+    got = received(dingtalk)
+    assert len(got) == queued + 1 and max(got.values()) == 1  # nothing lost, nothing doubled
+
+
+def test_unmapped_punches_are_parked_in_bulk_and_a_mapped_one_still_arrives(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    queued = 20_000
+    # 20 employees, none of them mapped; one mapped punch lands meanwhile.
+    gate = terminals(
+        serial="PARK0001",
+        record_size=40,
+        users=[TerminalUser(uid=i, enroll_number=str(2000 + i), name=f"U{i}") for i in range(1, 21)],
+        records=queued,
+        capacity=queued * 2,
+        first_punch=history_start(queued),
+    )
+    config = configure(tmp_path, dingtalk, {"gate": gate})
+    daemon = DaemonProcess(config, tmp_path)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: daemon.events("poll.finished"), timeout=30, interval=0.05)
+        record = gate.add_punch("1002", punch_state=1)
+        assert record is not None
+        landed = time.monotonic()
+        wait_for(lambda: dingtalk.uploads, timeout=10, interval=0.01)
+        waited = time.monotonic() - landed
+        wait_for(lambda: status(config)["delivery"]["parked"] == queued, timeout=30, interval=0.2)
+        parked_after = time.monotonic() - started
+    finally:
+        code = daemon.terminate(timeout=10)
+    assert code == 0, daemon.stderr()[-3000:]
+    assert waited < 1 + 3, waited
+    assert parked_after < 30, parked_after
+    lines = daemon.stderr().splitlines()
+    assert len(lines) < 300, len(lines)
+    parked_lines = daemon.events("delivery.parked_unmapped")
+    assert sorted(e["enroll_number"] for e in parked_lines) == sorted(str(2000 + i) for i in range(1, 21))
+    assert sum(e["punches"] for e in parked_lines) == queued
+    assert [u["userid"] for u in dingtalk.uploads] == ["bob"]
