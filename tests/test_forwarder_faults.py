@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import structlog
@@ -21,6 +22,7 @@ from zkdingsync.dingtalk.fake import LIST_RECORD, FakeDingTalk
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, DingTalkHealth, Punch
+from zkdingsync.quota import next_month_start
 from zkdingsync.store import Store
 
 USERS = {"1001": "manager4220", "1002": "clerk7", "1003": "boss"}
@@ -208,27 +210,38 @@ def test_expired_token_is_refreshed_once(world: World) -> None:
     assert world.fake.calls["gettoken"] == 2
 
 
-def test_quota_exhausted_pauses_everything_and_says_so_once(world: World) -> None:
-    world.fake.fail_next(90020, n=3)
+def test_quota_exhausted_waits_for_the_1st_and_says_so_once(world: World) -> None:
+    alerts: list[str] = []
+    world.forwarder = Forwarder(
+        world.store,
+        world.client,
+        UserMapper(USERS),
+        concurrency=1,
+        clock=world.clock,
+        sleep=world.clock.sleep,
+        alert=alerts.append,
+    )
+    world.fake.fail_next(90020, n=None)
     with structlog.testing.capture_logs() as events:
         world.forwarder.step()
-        assert world.forwarder.paused is not None
         health = world.store.dingtalk_health()
         assert health is not None and health.text().startswith("paused: ")
         assert world.fake.calls["upload"] == 1  # the rest of the batch was not sent
         assert world.store.delivery_counts()[Delivery.PENDING] == 3
-        for _ in range(2):  # two more rechecks, one probe each, still exhausted
-            world.clock.advance(3600)
+        for _ in range(5):  # the rest of the month: not one call more
+            world.clock.advance(3 * 3600)
             world.forwarder.step()
-        assert world.fake.calls["upload"] == 3
-        world.clock.advance(3600)
+        assert world.fake.calls["upload"] == 1
+        world.fake.clear_faults()
+        world.clock.now = next_month_start(world.clock.now, ZoneInfo("Asia/Shanghai")) + timedelta(seconds=1)
         world.delivered_once()
     names = [event["event"] for event in events]
-    assert names.count("delivery.paused") == 1
-    # The admin has to act: `journalctl -p warning` must show it.
-    assert all(e["log_level"] == "error" for e in events if e["event"] == "delivery.paused")
-    assert names.count("delivery.resumed") == 1
+    assert names.count("delivery.quota_exhausted") == 1
+    # The admin may act (a bigger edition): `journalctl -p warning` must show it.
+    assert all(e["log_level"] == "error" for e in events if e["event"] == "delivery.quota_exhausted")
+    assert names.count("delivery.quota_renewed") == 1
     assert _health(world) == "ok"
+    assert len(alerts) == 2 and alerts[0].startswith("DingTalk call budget spent: DingTalk refuses calls")
 
 
 def test_persistent_bad_token_is_bounded_then_needs_a_human(world: World) -> None:
@@ -332,12 +345,12 @@ def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
         sleep=world.clock.sleep,
         alert=alerts.append,
     )
-    world.fake.fail_next(90020)
+    world.fake.fail_next(60011)
     world.forwarder.step()
-    world.clock.advance(3600)
+    world.clock.advance(300)
     world.delivered_once()
     assert len(alerts) == 2
-    assert alerts[0].startswith("delivery to DingTalk paused: the organisation's monthly DingTalk API quota")
+    assert alerts[0].startswith("delivery to DingTalk paused: the DingTalk app lacks a permission")
     assert alerts[1] == "delivery to DingTalk resumed"
 
 

@@ -5,9 +5,11 @@ Each step (`step`, one bounded unit of work; `run` loops over it):
 
 1. Settle punches left in flight (`delivery.settler`: by a crash or an upload whose outcome is unknown)
    by reading DingTalk back.
-2. Unless delivery is paused or held (`delivery.gate`: credentials, permission, quota; throttling, an
+2. Park the pending punches of unmapped employees in bulk (`delivery.parking`), when new ones came.
+3. Unless delivery is paused or held (`delivery.gate`: credentials, permission, quota; throttling, an
    outage with the one back-off policy) or the monthly call budget is spent (`delivery.budget`): send one
-   batch of due punches (`delivery.dispatch`) through the rate limit with a few concurrent calls.
+   batch of due punches (`delivery.dispatch`, live punches first: `delivery.order`) through the rate limit
+   with a few concurrent calls.
 
 Every wait goes through the injected `sleep`, by default `stop.wait`, so a stop interrupts it at once. A
 store that refuses writes (disk full, read-only) is logged once and probed until it takes writes again.
@@ -30,6 +32,7 @@ from zkdingsync.delivery.budget import CallBudget
 from zkdingsync.delivery.dispatch import Dispatcher
 from zkdingsync.delivery.gate import DeliveryGate
 from zkdingsync.delivery.health import Health
+from zkdingsync.delivery.parking import UnmappedParking
 from zkdingsync.delivery.parts import SharedParts
 from zkdingsync.delivery.ports import DeliveryStore, Resolver, SentUnder, Uploader
 from zkdingsync.delivery.ratelimit import RateLimiter
@@ -95,6 +98,7 @@ class Forwarder:
         )
         self.budget = CallBudget(monthly_call_quota, store, client, self.health)
         self._refresher = MappingRefresher(mapper, store)
+        self._parking = UnmappedParking(store, mapper, lambda: self._refresher.refreshing)
         limiter = RateLimiter(rate_per_second, monotonic=monotonic, sleep=self._sleep)
         self.settler, self._dispatcher = self._compose(
             mapper, limiter, settle_delay_seconds, settle_interval_seconds, concurrency
@@ -121,7 +125,7 @@ class Forwarder:
             interval=timedelta(seconds=interval),
             max_wait_seconds=self._max_wait,
         )
-        dispatcher = Dispatcher(parts, settler, concurrency=concurrency)
+        dispatcher = Dispatcher(parts, settler, self.budget, concurrency=concurrency)
         return settler, dispatcher
 
     # ------------------------------------------------------------------ life cycle
@@ -205,7 +209,9 @@ class Forwarder:
             log.info("delivery.stopped")
 
     def wake(self) -> None:
-        """New punches were stored: end an idle wait now (a hold or pause still holds)."""
+        """New punches were stored: end an idle wait now (a hold or pause still holds), and look for
+        punches of unmapped employees to park."""
+        self._parking.new_punches()
         self._wake.set()
 
     def drain(self, *, max_steps: int = 100_000) -> bool:
@@ -257,6 +263,8 @@ class Forwarder:
             self._store.make_pending_due(now)
         if self.settler.due(now):
             self.settler.settle_in_flight()
+        if self._parking.due(now):
+            self._parking.sweep(now)  # needs no call to DingTalk: also while paused, held or out of budget
         wait = self.health.gate.blocked_for(now)
         if wait > 0:
             return wait

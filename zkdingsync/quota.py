@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 
+# DingTalk's answer once the organisation's monthly calls are spent (until the 1st).
+QUOTA_EXHAUSTED_CODE = "90020"
+
 # Share of the monthly call quota at which the forwarder warns (once a month) and `status` asks for
 # attention.
 QUOTA_WARNING_SHARE = 0.8
@@ -39,6 +42,12 @@ def next_month_start(at: datetime, zone: tzinfo = timezone.utc) -> datetime:
     first = at.astimezone(zone).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     # Wall-clock arithmetic (aware datetimes keep their zone's fields), so a DST change cannot shift it.
     return (first + timedelta(days=32)).replace(day=1)
+
+
+def month_after(month: str) -> str:
+    """Given a month ("2026-12"), return the next one ("2027-01")."""
+    year, number = (int(part) for part in month.split("-"))
+    return f"{year + number // 12:04d}-{number % 12 + 1:02d}"
 
 
 RATE_DAYS = 7

@@ -2,7 +2,8 @@
 concurrent workers, and record each answer as it comes: delivered only after DingTalk said so; back to
 pending with a retry time; parked with the reason; or left in flight, flagged, for the next settle.
 
-One canonical line per batch: `delivery.batch delivered=.. pending=.. parked=.. unknown=.. duration_ms=..`.
+One canonical line per batch that uploaded something:
+`delivery.batch delivered=.. pending=.. parked=.. unknown=.. duration_ms=..`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from zkdingsync.delivery.budget import CallBudget
+from zkdingsync.delivery.order import claim_batch
 from zkdingsync.delivery.parts import SharedParts
 from zkdingsync.delivery.ports import (
     SECOND_MS,
@@ -26,6 +29,7 @@ from zkdingsync.delivery.settler import MAPPING_WAIT, Settler
 from zkdingsync.dingtalk.client import DINGTALK_WINDOW
 from zkdingsync.errors import StoreError
 from zkdingsync.model import Outcome, OutcomeKind, PunchResult, StoredPunch, Upload
+from zkdingsync.quota import QUOTA_EXHAUSTED_CODE
 
 log = structlog.get_logger(__name__)
 
@@ -33,13 +37,14 @@ log = structlog.get_logger(__name__)
 class Dispatcher:
     """Sends batches with at most `concurrency` calls under way."""
 
-    def __init__(self, parts: SharedParts, settler: Settler, *, concurrency: int) -> None:
-        """Given the shared parts, the settler (told of unknown outcomes) and how many uploads may be
-        under way at once, build it."""
+    def __init__(self, parts: SharedParts, settler: Settler, budget: CallBudget, *, concurrency: int) -> None:
+        """Given the shared parts, the settler (told of unknown outcomes), the monthly call budget (spent
+        when DingTalk says so) and how many uploads may be under way at once, build it."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._p = parts
         self._settler = settler
+        self._budget = budget
         self.concurrency = concurrency
         self._executor: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -53,7 +58,7 @@ class Dispatcher:
     def send_batch(self, now: datetime, limit: int) -> bool:
         """Claim up to `limit` due punches and send them; return False when none was due."""
         store = self._p.store
-        batch = store.claim_due(now, limit)
+        batch = claim_batch(store, now, limit)
         if not batch:
             return False
         # Durably, before anything is sent: the userid each punch goes out as (read back under it if needed).
@@ -66,6 +71,8 @@ class Dispatcher:
         futures = self._submit(batch, now, counts)
         for future in futures:
             counts[future.result()] += 1
+        if not futures:
+            return True  # nothing was uploaded: the periodic summary covers what was parked or put back
         log.info(
             "delivery.batch",
             delivered=counts[PunchResult.DELIVERED],
@@ -103,7 +110,10 @@ class Dispatcher:
     def _why_not_now(self) -> str | None:
         if self._p.stopping():
             return "stopping"
-        return self._p.health.gate.why_not(self._p.clock())
+        now = self._p.clock()
+        if self._budget.spent(now):
+            return "the month's DingTalk calls are spent"
+        return self._p.health.gate.why_not(now)
 
     def _start(self, stored: StoredPunch, upload: Upload) -> Future[PunchResult] | str:
         """Wait for the rate limit and a free slot, then start the upload; or say why it may not go."""
@@ -111,7 +121,8 @@ class Dispatcher:
         if not self._acquire_slot():
             return "stopping"
         # Checked again now that a slot is free: the call that held it may just have failed.
-        permit = "stopping" if self._p.stopping() else self._p.health.gate.permit(self._p.clock())
+        blocked = self._why_not_now()
+        permit = blocked if blocked is not None else self._p.health.gate.permit(self._p.clock())
         if isinstance(permit, str):
             self._slots.release()
             return permit
@@ -200,6 +211,10 @@ class Dispatcher:
                 reason=outcome.reason,
             )
             return PunchResult.PARKED
+        if kind is OutcomeKind.NEEDS_HUMAN and outcome.code == QUOTA_EXHAUSTED_CODE:
+            self._budget.refused(now)  # no pause to recheck: the budget waits for the 1st
+            store.mark_pending(stored.id, retry_at=now, reason=outcome.reason)
+            return PunchResult.PENDING
         if kind is OutcomeKind.NEEDS_HUMAN:
             recheck_at = health.needs_human(outcome, now, call)
             store.mark_pending(stored.id, retry_at=recheck_at, reason=outcome.reason)

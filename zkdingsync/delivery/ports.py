@@ -13,7 +13,13 @@ from zkdingsync.model import Delivery, DingTalkHealth, Outcome, Punch, StoredPun
 class DeliveryStore(Protocol):
     """The store as delivery uses it."""
 
-    def claim_due(self, now: datetime, limit: int) -> Sequence[StoredPunch]: ...
+    def claim_due(
+        self, now: datetime, limit: int, *, fresh_since: datetime | None = None, fresh_limit: int = 0
+    ) -> Sequence[StoredPunch]: ...
+
+    def pending_enroll_numbers(self) -> Mapping[str, int]: ...
+
+    def park_enroll_numbers(self, reasons: Mapping[str, str]) -> Mapping[str, int]: ...
 
     def mark_delivered(
         self,

@@ -29,6 +29,7 @@ from zkdingsync.dingtalk.answers import evidence_id
 from zkdingsync.dingtalk.client import DINGTALK_WINDOW, MAX_READ_BACK_SPAN, MAX_READ_BACK_USERS, DingTalkError
 from zkdingsync.mapping import unmapped_reason
 from zkdingsync.model import OutcomeKind, StoredPunch
+from zkdingsync.quota import QUOTA_EXHAUSTED_CODE
 
 log = structlog.get_logger(__name__)
 
@@ -261,7 +262,10 @@ class Settler:
                     why = f"DingTalk cannot be read back ({outcome.reason})"
                     self._resend_unverified(item.stored, now, why, report)
                 return None
-            if outcome.kind is OutcomeKind.NEEDS_HUMAN:
+            if outcome.code == QUOTA_EXHAUSTED_CODE:
+                self._budget.refused(clock())
+                again = clock() + timedelta(seconds=self._max_wait)
+            elif outcome.kind is OutcomeKind.NEEDS_HUMAN:
                 again = health.needs_human(outcome, clock(), call_number)
             else:
                 again = clock() + timedelta(seconds=health.failed(outcome, clock(), call_number))

@@ -23,6 +23,7 @@ from typing import Any
 
 from zkdingsync.model import Outcome, OutcomeKind
 from zkdingsync.printable import printable, quoted
+from zkdingsync.quota import QUOTA_EXHAUSTED_CODE
 
 # Waits, in seconds, for each kind of "try again later".
 WAIT_THROTTLE_SECONDS = 2.0  # 90018: per-second app limit
@@ -52,7 +53,7 @@ _NEEDS_HUMAN = {
         WAIT_CREDENTIALS_SECONDS,
     ),
     "60011": ("the DingTalk app lacks a permission (Pro.AttendanceRecord.Write?)", WAIT_CREDENTIALS_SECONDS),
-    "90020": ("the organisation's monthly DingTalk API quota is exhausted", WAIT_QUOTA_SECONDS),
+    QUOTA_EXHAUSTED_CODE: ("the organisation's monthly DingTalk API quota is exhausted", WAIT_QUOTA_SECONDS),
 }
 _PERMANENT_KNOWN = {
     "60121": "DingTalk does not know this user",

@@ -49,20 +49,38 @@ def stored_punch(row: sqlite3.Row) -> StoredPunch:
 class PunchQueue(Connection):
     """Claims due punches and records what became of each (the forwarder's side; `retry` requeues)."""
 
-    def claim_due(self, now: datetime, limit: int) -> list[StoredPunch]:
-        """Switch up to `limit` due pending punches (oldest first) to in flight and return them.
+    def claim_due(
+        self, now: datetime, limit: int, *, fresh_since: datetime | None = None, fresh_limit: int = 0
+    ) -> list[StoredPunch]:
+        """Switch up to `limit` due pending punches to in flight and return them (in id order).
 
-        The switch is committed before this returns, so a crash during the upload leaves them in flight:
-        their outcome is then unknown and must be settled by reading DingTalk back.
+        With `fresh_since`, up to `fresh_limit` of them are punches stored since then and never tried,
+        newest first; the rest are the oldest due (the backlog). Without, all are the oldest due. The
+        switch is committed before this returns, so a crash during the upload leaves them in flight: their
+        outcome is then unknown and must be settled by reading DingTalk back.
         """
         at = iso(now)
         with self._transaction() as conn:
-            ids = [
+            ids: list[int] = []
+            if fresh_since is not None and fresh_limit > 0:
+                # The partial index on stored_at walks the pending punches newest first and stops at
+                # `fresh_since`: cheap however long the backlog behind them.
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM punches INDEXED BY punches_pending_stored "
+                        "WHERE delivery = 'pending' AND stored_at >= ? AND attempts = 0 "
+                        "AND next_attempt_at <= ? ORDER BY stored_at DESC, id DESC LIMIT ?",
+                        (iso(fresh_since), at, min(fresh_limit, limit)),
+                    )
+                ]
+            taken = f"AND id NOT IN ({','.join('?' * len(ids))}) " if ids else ""
+            ids += [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM punches WHERE delivery = 'pending' AND next_attempt_at <= ? "
-                    "ORDER BY next_attempt_at, id LIMIT ?",
-                    (at, limit),
+                    "SELECT id FROM punches WHERE delivery = 'pending' AND next_attempt_at <= ? "  # noqa: S608 - placeholders only
+                    f"{taken}ORDER BY next_attempt_at, id LIMIT ?",
+                    (at, *ids, limit - len(ids)),
                 )
             ]
             if not ids:
@@ -143,6 +161,28 @@ class PunchQueue(Connection):
             "UPDATE punches SET delivery = 'parked', reason = ?, in_flight_since = NULL WHERE id = ?",
             (reason, punch_id),
         )
+
+    def pending_enroll_numbers(self) -> dict[str, int]:
+        """Return the enroll numbers of the pending punches, with how many each has (an index walk)."""
+        rows = self._query(
+            "SELECT enroll_number, count(*) FROM punches INDEXED BY punches_pending_enroll "
+            "WHERE delivery = 'pending' GROUP BY enroll_number"
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+    def park_enroll_numbers(self, reasons: Mapping[str, str]) -> dict[str, int]:
+        """Park every pending punch of each enroll number (employees nobody mapped) with its reason: one
+        statement per number, all in one transaction; return how many each had."""
+        parked: dict[str, int] = {}
+        with self._transaction() as conn:
+            for enroll_number, reason in reasons.items():
+                cursor = conn.execute(
+                    "UPDATE punches SET delivery = 'parked', reason = ? "
+                    "WHERE delivery = 'pending' AND enroll_number = ?",
+                    (reason, enroll_number),
+                )
+                parked[enroll_number] = cursor.rowcount
+        return parked
 
     def in_flight(self) -> list[StoredPunch]:
         """Return every punch left in flight (after a crash, or an upload whose outcome is unknown)."""
