@@ -151,4 +151,5 @@ def test_an_unknown_outcome_is_settled_by_reading_the_port_back(store: Store) ->
     assert dingtalk.calls["list_records"] >= 1
     assert set(dingtalk.accepted_counts().values()) == {1}
     assert store.delivery_counts()[Delivery.DELIVERED] == 3
-    assert [p.outcome_unknown for p in store.punches()] == [True, False, False]
+    # Whichever went first (live first sends the newest): exactly that one's outcome was ever unknown.
+    assert sorted(p.outcome_unknown for p in store.punches()) == [False, False, True]

@@ -52,7 +52,7 @@ class PunchQueue(Connection):
     def claim_due(
         self, now: datetime, limit: int, *, fresh_since: datetime | None = None, fresh_limit: int = 0
     ) -> list[StoredPunch]:
-        """Switch up to `limit` due pending punches to in flight and return them (in id order).
+        """Switch up to `limit` due pending punches to in flight and return them, in the order to send.
 
         With `fresh_since`, up to `fresh_limit` of them are punches stored since then and never tried,
         newest first; the rest are the oldest due (the backlog). Without, all are the oldest due. The
@@ -92,10 +92,11 @@ class PunchQueue(Connection):
                 (at, *ids),
             )
             rows = conn.execute(
-                f"SELECT {PUNCH_COLUMNS} FROM punches WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                f"SELECT {PUNCH_COLUMNS} FROM punches WHERE id IN ({marks})",  # noqa: S608
                 ids,
             ).fetchall()
-        return [stored_punch(row) for row in rows]
+        place = {punch_id: index for index, punch_id in enumerate(ids)}
+        return sorted((stored_punch(row) for row in rows), key=lambda stored: place[stored.id])
 
     def record_upload_userids(self, userids: Mapping[int, str]) -> None:
         """Remember, before the uploads go out, which DingTalk userid each punch is sent as: should its
