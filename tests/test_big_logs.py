@@ -208,9 +208,11 @@ class CountingReader(ZkReader):
         super().__init__()
         self.lock = threading.Lock()
         self.active = self.most = 0
+        self.calls: dict[str, int] = {}
 
     def read_log(self, device: Any, **kwargs: Any) -> LogRead:
-        whole = kwargs.get("allow_full", True)
+        whole = kwargs.get("allow_full", True)  # without it only a small log is read whole
+        self.calls[device.name] = self.calls.get(device.name, 0) + 1
         with self.lock:
             self.active += whole
             self.most = max(self.most, self.active)
@@ -221,18 +223,24 @@ class CountingReader(ZkReader):
                 self.active -= whole
 
 
-def test_at_most_max_full_reads_at_once_and_every_terminal_stored(terminals: Any, store: Store) -> None:
+def test_at_most_max_full_reads_at_once_and_every_terminal_stored(
+    terminals: Any, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("zkdingsync.devices.zk.SMALL_LOG_RECORDS", 1000)  # these logs count as big
     fleet = [terminals(serial=f"BIGFLT{i:02d}", records=0) for i in range(4)]
     for terminal in fleet:
         terminal.add_punches(3000, first=recent(20))
+    small = terminals(serial="BIGFLTSM", records=0)
+    small.add_punches(500, first=recent(20))
     reader = CountingReader()
-    cycle = Cycle(
-        store, [device_for(f"t{i}", t) for i, t in enumerate(fleet)], replace(POLL, max_full_reads=1), reader
-    )
+    devices = [device_for(f"t{i}", t) for i, t in enumerate(fleet)] + [device_for("small", small)]
+    cycle = Cycle(store, devices, replace(POLL, max_full_reads=1), reader)
     results = cycle()
-    assert sorted(results) == ["t0", "t1", "t2", "t3"] and all(r.new == 3000 for r in results.values())
+    assert sorted(results) == ["small", "t0", "t1", "t2", "t3"]
+    assert [results[f"t{i}"].new for i in range(4)] == [3000] * 4 and results["small"].new == 500
     assert reader.most == 1
-    for terminal in fleet:
+    assert reader.calls["small"] == 1  # a small log is read whole at once, without waiting for a slot
+    for terminal in [*fleet, small]:
         assert_exactly_once(store, terminal)
 
 

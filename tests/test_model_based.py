@@ -17,6 +17,11 @@ Promises checked (reliability.md):
 - no duplicate in DingTalk, unless the punch's upload outcome was unknown AND DingTalk could not be read
   back (only the second machine can break the read-back; the first must show zero duplicates);
 - a terminal's checkpoint record count never exceeds the punches the store holds for it.
+
+The terminals have small logs, so the polls go through tail reads and their full-log cases: the first
+refuses punches once full (a refused punch was never recorded), the second rotates (drops its oldest
+record for each new one: a record rotated out before any poll stored it is the terminal's loss, counted
+and no longer expected). Clearing and refilling sends the poll from a tail read back to a whole read.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ ZONE = "Asia/Shanghai"
 # make_users(3) enrolls 1001..1003 on every fake terminal.
 USERS = {"1001": "manager4220", "1002": "hr0002", "1003": "dev0003"}
 TERMINALS = 2
+# Per terminal: (record capacity, rotates when full). Small, so logs fill within an example.
+LOGS = [(12, False), (6, True)]
 CLIENT_TIMEOUT_SECONDS = 0.2  # the fake's hang outlives it: the upload's outcome is unknown
 POLL = PollConfig(
     interval_seconds=1.0, timeout_seconds=2.0, max_concurrency=1, backoff_max_seconds=5.0
@@ -130,6 +137,8 @@ class _Stats:
     unknown_outcomes: int = 0
     duplicates: int = 0
     lost_to_clear: int = 0
+    refused_when_full: int = 0
+    lost_to_rotation: int = 0
     readback_broken: int = 0
 
 
@@ -152,7 +161,14 @@ class Pipeline(RuleBasedStateMachine):
         self.terminals: list[FakeTerminal] = []
         self.devices: list[DeviceConfig] = []
         for index in range(TERMINALS):
-            terminal = simulator.add_terminal(serial=f"MODEL{index:05d}", users=3, timezone=ZONE)
+            capacity, rotates = LOGS[index]
+            terminal = simulator.add_terminal(
+                serial=f"MODEL{index:05d}",
+                users=3,
+                timezone=ZONE,
+                capacity=capacity,
+                overwrite_when_full=rotates,
+            )
             self.terminals.append(terminal)
             self.devices.append(
                 DeviceConfig(name=f"door{index}", host="127.0.0.1", port=terminal.port, timezone=ZONE)
@@ -244,12 +260,28 @@ class Pipeline(RuleBasedStateMachine):
         local = (self.first_punch + timedelta(seconds=self.punch_number)).astimezone(ZoneInfo(ZONE))
         self.punch_number += 1
         text = local.strftime("%Y-%m-%d %H:%M:%S")
-        record = self.terminals[t].add_punch(enroll, text, punch_state=state)
-        assert record is not None
-        serial = self.terminals[t].serial
+        terminal = self.terminals[t]
+        full = terminal.record_count >= terminal.spec.capacity
+        oldest = terminal.records[0] if full and terminal.spec.overwrite_when_full else None
+        record = terminal.add_punch(enroll, text, punch_state=state)
+        if record is None:  # a full log that refuses: the punch was never recorded
+            STATS.refused_when_full += 1
+            return
+        if oldest is not None:
+            self._rotated_out(terminal.serial, oldest)
+        serial = terminal.serial
         natural = (serial, enroll, text, state, record.verify_mode)
         self.expected[natural] = _Expected(t, natural, (USERS[enroll], expected_ms(text, ZONE), serial))
         STATS.punches += 1
+
+    def _rotated_out(self, serial: str, record: Any) -> None:
+        """A rotating log dropped `record`: if no poll stored it, it is lost with it."""
+        natural = (serial, record.enroll_number, record.local_time, record.punch_state, record.verify_mode)
+        if natural in self.expected and natural not in {
+            _natural(p.punch) for p in self.process.real_store.punches()
+        }:
+            del self.expected[natural]
+            STATS.lost_to_rotation += 1
 
     def _with_crash(self, crash: tuple[tuple[str, str], int] | None, action: Callable[[], object]) -> None:
         """Run `action`; with `crash` ((method, before/after), nth) the process dies at that call (or
@@ -422,6 +454,7 @@ def test_pipeline_model(simulator: Simulator, tmp_path: Path) -> None:
     """Punches, polls, deliveries, DingTalk timeouts, crashes and cleared logs: nothing lost, no duplicate."""
     run_state_machine_as_test(lambda: Pipeline(simulator, tmp_path), settings=SETTINGS)  # type: ignore[arg-type]  # a factory is documented
     assert STATS.punches > 0
+    assert STATS.refused_when_full + STATS.lost_to_rotation > 0  # the full logs were reached
 
 
 def test_pipeline_model_with_broken_read_back(simulator: Simulator, tmp_path: Path) -> None:

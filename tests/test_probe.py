@@ -50,6 +50,7 @@ def test_reports_every_terminal(terminals: Terminals) -> None:
     assert "users:     7 / 10000" in lobby_part
     assert "records:   1234 / 100000 (1 %)" in lobby_part and "WARNING" not in lobby_part
     assert "in step with this host" in lobby_part
+    assert "tail reads: yes" in lobby_part
     assert re.search(r"clock:     \d{4}-\d\d-\d\d \d\d:\d\d:\d\d Asia/Shanghai", lobby_part)
     # 95 of 100 records: over 90 % full; 10 minutes behind: beyond the 60 s threshold.
     assert "records:   95 / 100 (95 %)  WARNING: over 90 % full" in gate_part
@@ -125,3 +126,15 @@ def test_users_lists_who_is_enrolled_and_who_is_not_yet_in_the_map(terminals: Te
     assert "    1003  User3  -> clerk7" in lobby_part
     assert "  3 enrolled, 1 not in users.map" in lobby_part
     assert "  2 enrolled, 1 not in users.map" in gate_part  # 28-byte user table: numeric enroll numbers
+
+
+def test_a_terminal_without_offset_reads_is_reported(terminals: Terminals) -> None:
+    old = terminals(serial="PROBENOO", records=50, offset_reads="error")
+    empty = terminals(serial="PROBEEMT", records=0)
+    code, text = run(Cfg((device_for("old", old), device_for("empty", empty))))
+    assert code == 0
+    old_part, empty_part = text.split("empty (")
+    assert "tail reads: no (it refuses buffered reads from an offset" in old_part
+    assert "reads the whole log" in old_part
+    assert "tail reads: untested (the log is empty)" in empty_part
+    assert old.enabled and empty.enabled

@@ -1,10 +1,12 @@
 """The `probe` command: connect to terminals and report what each says about itself.
 
 Per terminal: serial, firmware, platform, clock and its drift from this host, users and records against
-capacity (a warning above 90 % full: a full log refuses or overwrites punches). Terminals are probed
-concurrently; one failing terminal gets its one-line reason and does not stop the others. The attendance
-log is never downloaded and nothing is written to the store. With `--users` the enrolled users are listed
-too, each with the DingTalk userid `users.map` gives it: the quickest way to write that map.
+capacity (a warning above 90 % full: a full log refuses or overwrites punches), and whether it serves tail
+reads (a read of its log from an offset, which lets each poll read only the new records; checked with a
+few dozen bytes). Terminals are probed concurrently; one failing terminal gets its one-line reason and does
+not stop the others. The attendance log is never downloaded and nothing is written to the store. With
+`--users` the enrolled users are listed too, each with the DingTalk userid `users.map` gives it: the
+quickest way to write that map.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TextIO
 
-from zkdingsync.devices.zk import TerminalState, read_info, read_users
+from zkdingsync.devices.zk import TerminalState, probe_offset_reads, read_info, read_users
 from zkdingsync.errors import TerminalError, UserError
 from zkdingsync.model import TerminalUser, utc_now
 from zkdingsync.poller import ConfigLike, PolledDevice
@@ -57,9 +59,13 @@ def format_users(enrolled: Sequence[TerminalUser], user_map: Mapping[str, str]) 
 
 
 def format_report(
-    device: PolledDevice, outcome: TerminalState | TerminalError, drift_threshold_seconds: float
+    device: PolledDevice,
+    outcome: TerminalState | TerminalError,
+    drift_threshold_seconds: float,
+    tail_reads: str | None = None,
 ) -> tuple[str, bool]:
-    """Given a terminal and what probing it gave, return (report text, ok)."""
+    """Given a terminal, what probing it gave and (when checked) whether it serves tail reads ("yes",
+    "no (why)", "untested (why)"), return (report text, ok)."""
     where = f"{device.host}:{device.port} {device.protocol}"
     if isinstance(outcome, TerminalError):
         return f"{device.name} ({where}): FAILED: {outcome.reason}\n", False
@@ -89,6 +95,11 @@ def format_report(
         f"{_percent(state.record_count, state.record_capacity)}"
         + ("  WARNING: over 90 % full; a full log refuses or overwrites punches" if full else "")
     )
+    if tail_reads is not None:
+        effect = (
+            "; each poll that finds new records reads the whole log" if tail_reads.startswith("no") else ""
+        )
+        lines.append(f"  tail reads: {tail_reads}{effect}")
     return "\n".join(lines) + "\n", True
 
 
@@ -124,22 +135,25 @@ def probe(
         return 1
     poll = config.poll
 
-    def probe_one(device: PolledDevice) -> tuple[TerminalState | TerminalError, list[TerminalUser] | None]:
+    def probe_one(
+        device: PolledDevice,
+    ) -> tuple[TerminalState | TerminalError, list[TerminalUser] | None, str | None]:
         try:
             if prober is not None:
-                state = prober(device, poll.timeout_seconds)
+                state, tail = prober(device, poll.timeout_seconds), None
             else:
                 state = read_info(device, poll.timeout_seconds, now=now)
-            return state, read_users(device, poll.timeout_seconds) if users is not None else None
+                tail = probe_offset_reads(device, poll.timeout_seconds)
+            return state, read_users(device, poll.timeout_seconds) if users is not None else None, tail
         except TerminalError as error:
-            return error, None
+            return error, None, None
 
     workers = max(1, min(poll.max_concurrency, len(devices)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as executor:
         outcomes = list(executor.map(probe_one, devices))
     failures = 0
-    for device, (outcome, enrolled) in zip(devices, outcomes, strict=True):
-        text, ok = format_report(device, outcome, poll.drift_threshold_seconds)
+    for device, (outcome, enrolled, tail) in zip(devices, outcomes, strict=True):
+        text, ok = format_report(device, outcome, poll.drift_threshold_seconds, tail)
         if enrolled is not None and users is not None:
             text += format_users(enrolled, users)
         # Serial, firmware, enroll numbers and names are the terminal's to choose: escaped, lines kept.

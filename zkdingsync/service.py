@@ -32,6 +32,7 @@ from zkdingsync.dingtalk.robot import RobotNotifier
 from zkdingsync.errors import ConfigError, StoreError, StoreLockedError, UserError
 from zkdingsync.forwarder import Forwarder
 from zkdingsync.history import HistoryPolicy
+from zkdingsync.malloc import limit_arenas
 from zkdingsync.mapping import UserMapper
 from zkdingsync.model import Delivery, utc_now
 from zkdingsync.poller import Poller
@@ -349,6 +350,7 @@ class Daemon:
 def run_daemon(config_path: Path, config: Config) -> int:
     """Given the config (loaded from `config_path`, re-read on SIGHUP), run the daemon until stopped and
     return the exit code. Raise StoreLockedError when another instance holds the store."""
+    limit_arenas()  # before the poll and delivery threads start
     daemon = Daemon(config, config_path)
     code = daemon.run()
     if daemon.abandoned:

@@ -31,6 +31,8 @@ from zkdingsync.errors import RecordFormatError, TerminalError
 log = structlog.get_logger(__name__)
 
 TAIL_SEARCH_BYTES = 64 * 1024  # the most a full log's tail is searched for the stored last record
+# A whole read of a log this small (400 KB of 40-byte records) needs none of the few full-read slots.
+SMALL_LOG_RECORDS = 10_000
 _LARGEST_RECORD = max(RECORD_SIZES)
 _LARGEST_USER = 72
 _DOWNLOAD_ATTEMPTS = 2  # a log that moves under a disabled terminal twice in a row is left for next poll
@@ -94,7 +96,7 @@ def read_tail(session: Session, known: LogTail, state: TerminalState) -> LogRead
 
     def read(first: int, last: int) -> bytes:
         nonlocal read_bytes, first_range
-        data = session.read_range(4 + first * size, (last - first) * size)
+        data = bytes(session.read_range(4 + first * size, (last - first) * size))
         read_bytes += len(data)
         if first_range is None:
             first_range = (4 + first * size, data)
@@ -184,7 +186,7 @@ def download(
     )
 
 
-def _read_whole(session: Session, count: int) -> bytes:
+def _read_whole(session: Session, count: int) -> bytes | bytearray:
     """Prepare and read the whole log buffer, refusing one larger than `count` records can take."""
     prepared = session.prepare(CMD_ATTLOG_RRQ, 0)
     if isinstance(prepared, bytes):
@@ -200,7 +202,7 @@ def _read_whole(session: Session, count: int) -> bytes:
     return buffer
 
 
-def _offset_ignored(buffer: bytes, miss: TailMiss | None) -> str:
+def _offset_ignored(buffer: bytes | bytearray, miss: TailMiss | None) -> str:
     """After a tail read missed and the whole log was read: did the firmware serve the tail from the
     start of the buffer instead of the offset asked? Then say so (the terminal is read whole from now)."""
     if miss is None or not miss.data or not miss.start:
@@ -222,7 +224,7 @@ def _users_by_uid(name: str, buffer: bytes, users: int) -> dict[int, str]:
 def _parse(
     name: str,
     state: TerminalState,
-    buffer: bytes,
+    buffer: bytes | bytearray,
     users: int,
     user_buffer: bytes | None,
     known: LogDigest | None,
@@ -259,7 +261,7 @@ def _parse(
         state=state,
         downloaded=True,
         record_size=size,
-        body=bytes(view[4 + first * size :]),
+        body=view[4 + first * size :],  # no copy: the records stay in the downloaded buffer
         first_index=first,
         digest=LogDigest(state.serial, size, count, hasher.digest()),
         users_by_uid=users_by_uid,

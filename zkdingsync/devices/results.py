@@ -97,7 +97,7 @@ class LogRead:
     state: TerminalState
     downloaded: bool
     record_size: int | None = None
-    body: bytes = b""
+    body: bytes | bytearray | memoryview = b""
     first_index: int = 0
     digest: LogDigest | None = None
     # 8-byte logs only: the user table read with the log (uid -> enroll number).

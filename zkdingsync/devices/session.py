@@ -276,15 +276,16 @@ class Session:
         size: int = _U32.unpack_from(data, 1)[0]
         return size
 
-    def read_range(self, start: int, length: int, *, aligned: bool = False) -> bytes:
-        """Read bytes [start, start + length) of the prepared buffer, in chunks. Raise OffsetUnsupported
-        when the terminal answers a read from a non-zero offset with an error or the wrong length
-        (unless `aligned`: a whole-buffer read at chunk offsets, which every firmware serves)."""
+    def read_range(self, start: int, length: int, *, aligned: bool = False) -> bytearray:
+        """Read bytes [start, start + length) of the prepared buffer, in chunks, into one buffer (no
+        copy of the whole). Raise OffsetUnsupported when the terminal answers a read from a non-zero
+        offset with an error or the wrong length (unless `aligned`: a whole-buffer read at chunk
+        offsets, which every firmware serves)."""
         assert self.guard is not None  # noqa: S101 - open() set it
         chunk = _UDP_CHUNK if self.device.protocol.lower() == "udp" else _TCP_CHUNK
         # A firmware that ignores the offset may send a whole chunk (or the whole buffer) back.
         self.guard.allow_bytes(max(length, chunk) + length // 8 + 4096)
-        parts: list[bytes] = []
+        out = bytearray(length)
         for offset in range(start, start + length, chunk):
             size = min(chunk, start + length - offset)
             try:
@@ -298,9 +299,9 @@ class Session:
                 if offset and not aligned:
                     raise OffsetUnsupported(f"it answered {got} to a read of {size} bytes at offset {offset}")
                 raise MalformedReply(f"the terminal sent {got} for a chunk of {size} bytes")
-            parts.append(bytes(data))
+            out[offset - start : offset - start + size] = data
         self.guard.byte_limit = None
-        return b"".join(parts)
+        return out
 
     def free(self) -> None:
         """FREE_DATA: the terminal may drop the prepared buffer."""

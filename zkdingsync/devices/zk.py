@@ -35,7 +35,14 @@ from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from zkdingsync.devices.download import TailMiss, check_count, download, read_tail, usable_tail
+from zkdingsync.devices.download import (
+    SMALL_LOG_RECORDS,
+    TailMiss,
+    check_count,
+    download,
+    read_tail,
+    usable_tail,
+)
 from zkdingsync.devices.guard import LIBRARY_ERRORS, DeviceLike, OffsetUnsupported, pyzk_incompatible
 from zkdingsync.devices.results import MAX_RECORDS, LogDigest, LogRead, LogTail, TerminalState
 from zkdingsync.devices.session import CMD_ATTLOG_RRQ, Session, validate_host
@@ -166,7 +173,8 @@ def read_log(
     `known_count` and the log is not full, return without reading the log (`downloaded=False`;
     `known_count=None` asks for a whole-log read). With `known_tail` (and `offset_reads`), read only
     the records after the stored last one (see `download.py`); when that is not possible read the whole
-    log, or, unless `allow_full`, return `needs_full=True` without reading it. With `known_digest` a
+    log, or, unless `allow_full` (or the log holds at most `SMALL_LOG_RECORDS`: cheap whatever happens),
+    return `needs_full=True` without reading it. With `known_digest` a
     prefix of a whole log proven byte-identical is not returned again (`first_index`). Firmware and
     platform are read when `details` is set or something changed. `ensure_enabled` sends ENABLEDEVICE
     first (after a failed poll that may have left the terminal disabled). Raise TerminalError
@@ -189,7 +197,7 @@ def read_log(
                 now=now,
             )
     except OffsetUnsupported as finding:
-        if not allow_full:
+        if not allow_full and seen[0].record_count > SMALL_LOG_RECORDS:
             return LogRead(
                 state=seen[0],
                 downloaded=False,
@@ -253,7 +261,7 @@ def _read_log_in(
         if isinstance(found, LogRead):
             return found
         miss = found
-    if not allow_full:
+    if not allow_full and state.record_count > SMALL_LOG_RECORDS:
         return LogRead(state=state, downloaded=False, needs_full=True)
     return download(session, state, known_digest, miss)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -39,6 +40,8 @@ class TerminalData:
         self._clock_offset = spec.clock_offset_seconds
         self._faults: list[Fault] = []
         self._rejected = 0
+        self._disabled_at: float | None = None  # monotonic time of the DISABLEDEVICE now in force
+        self._last_disabled = 0.0
         self._connections = 0
         self._command_counts: dict[int, int] = {}
         self.random = random.Random(spec.serial)
@@ -76,6 +79,12 @@ class TerminalData:
         """Number of records in the log."""
         with self._lock:
             return self._record_count()
+
+    @property
+    def last_disabled_seconds(self) -> float:
+        """How long the terminal was disabled the last time a client disabled and re-enabled it."""
+        with self._lock:
+            return self._last_disabled
 
     @property
     def pending_punches(self) -> int:
@@ -229,6 +238,10 @@ class TerminalData:
     def set_enabled(self, enabled: bool) -> None:
         """ENABLEDEVICE / DISABLEDEVICE: enabling lands the punches held while disabled."""
         with self._lock:
+            if not enabled and self._enabled:
+                self._disabled_at = time.monotonic()
+            elif enabled and self._disabled_at is not None:
+                self._last_disabled, self._disabled_at = time.monotonic() - self._disabled_at, None
             self._enabled = enabled
             pending, self._pending = (self._pending, []) if enabled else ([], self._pending)
         if pending:
