@@ -24,6 +24,7 @@ from zkdingsync.devices.zk import ZkReader
 from zkdingsync.history import HistoryPolicy
 from zkdingsync.model import utc_now
 from zkdingsync.store import Store
+from zkdingsync.terminal_names import TerminalNames
 from zkdingsync.terminal_poll import (
     VERIFY_EVERY,
     ConfigLike,
@@ -78,7 +79,14 @@ class Poller:
         self.history = history  # replaced whole by a reload
         self._poll = poll
         self._clock = clock
-        self._reader: TerminalReader = reader if reader is not None else ZkReader()
+        adapter = ZkReader()
+        self._reader: TerminalReader = reader if reader is not None else adapter
+        # With the real adapter, the names of the terminals' users are kept for HR's export.
+        names = (
+            TerminalNames(store, adapter, timeout=lambda: self._poll.timeout_seconds)
+            if reader is None
+            else None
+        )
         self._jitter = jitter if jitter is not None else random.Random().random  # noqa: S311 - not crypto
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -96,6 +104,7 @@ class Poller:
             jitter=self._jitter,
             on_new_punches=on_new_punches,
             history=lambda: self.history,
+            names=names,
         )
         now = clock()
         self._terminals: dict[str, PolledTerminal] = {d.name: PolledTerminal(d, now) for d in devices}

@@ -35,6 +35,7 @@ from zkdingsync.history import HistoryPolicy, log_first_contact
 from zkdingsync.model import AttendanceRecord, Punch
 from zkdingsync.store import Checkpoint, LogEnd, Store, UidNames
 from zkdingsync.terminal_health import TerminalHealth
+from zkdingsync.terminal_names import TerminalNames
 from zkdingsync.timeconv import Classifier
 
 log = structlog.get_logger(__name__)
@@ -195,9 +196,11 @@ class TerminalPoll:
         jitter: Callable[[], float],
         on_new_punches: Callable[[], object] | None = None,
         history: Callable[[], HistoryPolicy | None] = lambda: None,
+        names: TerminalNames | None = None,
     ) -> None:
         """Given the store, the terminal adapter and the poller's policies (`history`: the history policy
-        in force, None: every new punch is queued), prepare to run polls."""
+        in force, None: every new punch is queued), prepare to run polls (and, with `names`, keep the names
+        of the terminals' users for the export)."""
         self._store = store
         self._reader = reader
         self._settings = settings
@@ -209,6 +212,7 @@ class TerminalPoll:
         self._jitter = jitter
         self._on_new_punches = on_new_punches
         self._history = history
+        self._names = names
         self._store_failing = False
 
     def run(self, terminal: PolledTerminal, now: datetime, cancel: threading.Event | None) -> PollResult:
@@ -258,7 +262,10 @@ class TerminalPoll:
                 return PollResult(
                     device.name, True, now + SLOT_RETRY, waiting=True, duration_ms=self._since(started)
                 )
-            return self._store_read(terminal, known, read, now, started)
+            result = self._store_read(terminal, known, read, now, started)
+        if result.ok and self._names is not None:
+            self._names.after_poll(device, read.state.serial, read.state.users, cancel)
+        return result
 
     def _read(
         self,

@@ -316,11 +316,17 @@ def set_time(
 
 
 class ZkReader:
-    """The production reader the poller uses: `read_log` and `set_time` of this module."""
+    """The production reader the poller uses: `read_log`, `read_users` and `set_time` of this module."""
 
     def __init__(self, *, deadline_seconds: float | None = None) -> None:
         """Optionally override the per-session deadline (default: `default_deadline_seconds`)."""
         self.deadline_seconds = deadline_seconds
+
+    def read_users(
+        self, device: DeviceLike, *, timeout_seconds: float, cancel: threading.Event | None
+    ) -> list[TerminalUser]:
+        """See `read_users`."""
+        return read_users(device, timeout_seconds, deadline_seconds=self.deadline_seconds, cancel=cancel)
 
     def read_log(
         self,

@@ -123,6 +123,11 @@ class Evidence(Connection):
         directory = {row[0]: row[1] for row in self._query("SELECT userid, name FROM dingtalk_names")}
         return terminal, directory
 
+    def terminal_name_count(self, serial: str) -> int:
+        """Return how many of a terminal's enroll numbers have a known name (an index range)."""
+        rows = self._query("SELECT count(*) FROM employee_names WHERE serial = ?", (serial,))
+        return int(rows[0][0])
+
     def save_terminal_names(self, serial: str, names: Mapping[str, str]) -> None:
         """Remember the names a terminal's user table gives its enroll numbers (blank names are skipped)."""
         rows = [(serial, enroll, name.strip()) for enroll, name in names.items() if name.strip()]
