@@ -6,8 +6,9 @@ import csv
 import io
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import openpyxl
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from zkdingsync.cli import main
 from zkdingsync.export.columns import RowMaker, clean_text
 from zkdingsync.export.command import Progress
+from zkdingsync.history import HistoryRule
 from zkdingsync.model import Punch
 from zkdingsync.store import ExportedPunch, Store
 
@@ -80,8 +82,9 @@ def config(tmp_path: Path) -> Path:
             polled_at=POLLED,
             punches=[
                 punch("gate", "1001", "2026-03-01 12:00:00", quarantine="clock too far ahead"),
-                punch("gate", "1003", "2026-02-28 23:59:59"),  # before the window
+                punch("gate", "1003", "2026-02-28 23:59:59"),  # before the window; history
             ],
+            history=HistoryRule(ZoneInfo("Asia/Shanghai"), since=date(2026, 3, 1)),
         )
         ids = {(p.punch.enroll_number, p.punch.local_time): p.id for p in store.punches()}
         store.mark_delivered(
@@ -95,7 +98,6 @@ def config(tmp_path: Path) -> Path:
         for key in [
             ("1001", "2026-03-05 08:58:00"),
             ("1001", "2026-03-06 08:58:00"),
-            ("1003", "2026-02-28 23:59:59"),
         ]:
             store.mark_pending(ids[key], retry_at=POLLED, reason="DingTalk is busy")  # ... but these
         store.save_terminal_names("SN-lobby", {"1001": "张三"})
@@ -148,9 +150,9 @@ def test_csv_holds_every_state_of_the_window_with_words_and_evidence(config: Pat
 
 def test_device_and_enroll_filters_and_the_file_is_owner_only(config: Path) -> None:
     rows = export_csv(config, "--from", "2026-02-28", "--to", "2026-03-31", "--device", "gate")
-    assert [(r["enroll_number"], r["local_time"]) for r in rows] == [
-        ("1003", "2026-02-28 23:59:59"),
-        ("1001", "2026-03-01 12:00:00"),
+    assert [(r["enroll_number"], r["local_time"], r["delivery"]) for r in rows] == [
+        ("1003", "2026-02-28 23:59:59", "history 历史"),  # kept, never sent: exported all the same
+        ("1001", "2026-03-01 12:00:00", "quarantined 已隔离"),
     ]
     rows = export_csv(
         config, "--from", "2026-03-01", "--to", "2026-03-31", "--enroll", "1001", "--enroll", "1002"
