@@ -1,7 +1,8 @@
 """Hostile peers against the real `zkdingsync run` process, one healthy terminal beside each.
 
-A DingTalk (or a proxy in front of it) answering 50 MiB, errcodes that are not numbers, HTML, or never;
-terminals sending escape sequences, GBK names and ids that are not UTF-8. Each test asserts what the
+A DingTalk (or a proxy in front of it) answering 50 MiB, errcodes that are not numbers, or never;
+terminals sending escape sequences, GBK names and ids that are not UTF-8, or claiming 2,000,000,000
+records. Each test asserts what the
 issue of hostile peers asks of the daemon: its peak RSS stays under 150 MiB, the healthy terminal's punches
 reach DingTalk exactly once, nothing logs a traceback, and SIGTERM ends it with exit 0 within 10 s.
 """
@@ -19,7 +20,7 @@ from harness import DaemonProcess, run_cli, write_config
 
 from zkdingsync.dingtalk.fake import FakeDingTalk
 from zkdingsync.model import Delivery, TerminalUser
-from zkdingsync.simulator import FakeTerminal, history_start
+from zkdingsync.simulator import FakeTerminal, Fault, history_start, protocol
 from zkdingsync.store import Store
 
 APP_KEY = "dinghostile"
@@ -146,7 +147,7 @@ def delivered(store_path: Path) -> int:
         return store.delivery_counts()[Delivery.DELIVERED]
 
 
-def test_terminal_text_is_escaped_and_an_id_that_is_not_utf8_is_mapped(
+def test_hostile_terminals_escape_sequences_gbk_ids_and_two_billion_records(
     tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
 ) -> None:
     gbk_key = "hex:" + "你好".encode("gbk").hex()  # how the daemon names an id whose bytes are GBK
@@ -158,11 +159,14 @@ def test_terminal_text_is_escaped_and_an_id_that_is_not_utf8_is_mapped(
         records=6,
         first_punch=history_start(6),
     )
+    # A terminal claiming 2,000,000,000 records and streaming bytes for as long as they are read.
+    liar = terminals(serial="HOSTILE04", users=2, records=3)
+    liar.set_fault(Fault.claim_records(2_000_000_000))
     lobby = terminals(serial="HEALTHY03", users=2, records=4, first_punch=history_start(4))
     dingtalk.set_users([*USERS.values(), "dave"])
     users = {"1001": "alice", "1002": "bob", gbk_key: "dave"}
     # key=value lines, as in the journal: JSON would escape the ESC byte by itself.
-    fleet = {"hostile": hostile, "lobby": lobby}
+    fleet = {"hostile": hostile, "liar": liar, "lobby": lobby}
     daemon = start_daemon(tmp_path, dingtalk, fleet, users=users, log_format="keyvalue")
     try:
         wait_for(lambda: len(dingtalk.uploads) == 4 + 3, timeout=30, interval=0.05)
@@ -182,6 +186,10 @@ def test_terminal_text_is_escaped_and_an_id_that_is_not_utf8_is_mapped(
     log = daemon.stderr()
     assert "\x1b" not in log and "\x07" not in log
     assert "enroll_number=\\x1b[2J\\x1b[31m66" in log  # the parked punches' line, escaped
+    # The liar is refused at once, in one line naming it; nothing of its log is downloaded.
+    [down] = [line for line in log.splitlines() if "event=terminal.down" in line]
+    assert "device=liar" in down and "2,000,000,000 records" in down
+    assert liar.command_count(protocol.CMD_PREPARE_BUFFER) == 0
 
 
 def parked_status(config: Path, parked: int) -> str | None:
