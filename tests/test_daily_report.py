@@ -63,23 +63,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
         for key in [("1001", "2026-11-30 08:59:00"), ("1003", "2026-11-30 18:00:00")]:
             store.mark_delivered(ids[key], at=at("2026-11-30 18:00:05"), userid="u", request_id="r")
         store.park(ids[("1002", "2026-11-29 18:00:00")], reason="enroll number 1002 is not mapped")
-        store.save_poll(
-            "gate",
-            serial="SN-gate",
-            record_count=0,
-            record_size=40,
-            punches=[],
-            polled_at=at("2026-11-30 07:00:00"),
-        )
-        store.record_poll_failure("gate", error="timed out", at=at("2026-11-30 10:00:00"))
-        store.save_poll(
-            "gate",
-            serial="SN-gate",
-            record_count=0,
-            record_size=40,
-            punches=[],
-            polled_at=at("2026-11-30 10:40:00"),
-        )
+        for polled, failed in [
+            ("2026-11-30 07:00:00", False),
+            ("2026-11-30 10:00:00", True),
+            ("2026-11-30 10:40:00", False),
+        ]:
+            if failed:  # the gate is down from 10:00 to 10:40
+                store.record_poll_failure("gate", error="timed out", at=at(polled))
+            else:
+                store.save_poll(
+                    "gate", serial="SN-gate", record_count=0, record_size=40, punches=[], polled_at=at(polled)
+                )
         store.count_calls("2026-12", 1250)
         yield store
 
