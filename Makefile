@@ -51,8 +51,9 @@ wheelhouse:
 	@ls $(WHEELHOUSE)
 
 # The unit under a real systemd (Debian 12's 252 as PID 1 of a container), installed as the README says:
-# start, reload, stop, exit 78, kill -9, the watchdog, a missing credential, the offline install. Needs
-# root and apt; a few minutes (the container's root file system is cached in SYSTEMD_DIR). Not in `test`.
+# start, reload (map, interval, broken file), stop, exit 78, kill -9, the watchdog, a missing credential, the
+# offline install. Needs root and apt; a few minutes (the container's root file system is cached in
+# SYSTEMD_DIR). Not in `test`.
 SYSTEMD_TOOL ?= ../shared/tools/systemd-container
 SYSTEMD_DIR ?= /tmp/zkds-systemd
 test-systemd:

@@ -37,6 +37,7 @@ USERS = {"1001": "alice", "1002": "bob"}  # 1003 is added by the reload check
 NOWHERE = "http://127.0.0.1:9"  # the proxy and index of the offline install: nothing listens there
 PUNCH_EVERY_SECONDS = 7
 WATCHDOG_WINDOW_SECONDS = 125  # WatchdogSec=60: two periods and a little
+LONG_INTERVAL_SECONDS = 40  # the first config's poll interval; the reload check makes it 2 s
 
 
 class CheckFailed(Exception):
@@ -115,7 +116,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-def config_text(users: dict[str, str], *, broken: bool = False) -> str:
+def config_text(users: dict[str, str], *, broken: bool = False, interval: int = 2) -> str:
     """The test's config (what `editor` makes of the sample): the fakes, the secret as a credential."""
     mapped = "".join(f'    "{number}": {userid}\n' for number, userid in users.items())
     devices = "".join(
@@ -125,7 +126,7 @@ def config_text(users: dict[str, str], *, broken: bool = False) -> str:
     return (
         f"dingtalk:\n  app_key: {APP_KEY}\n  api_base: http://127.0.0.1:{DINGTALK_PORT}\n"
         "  readback_delay_seconds: 2\n"
-        "poll:\n  interval_seconds: 2\n  timeout_seconds: 2\n  backoff_max_seconds: 10\n"
+        f"poll:\n  interval_seconds: {interval}\n  timeout_seconds: 2\n  backoff_max_seconds: 10\n"
         f"users:\n  map:\n{mapped}devices:\n{devices}"
     )
 
@@ -228,7 +229,8 @@ class Run:
             if command.startswith("ln -s "):
                 self.start_fakes()  # probe --users and the daemon need them; they run from the install
             if command.startswith("editor "):
-                self.box.write(CONFIG, config_text(USERS))
+                # A long interval to begin with: the reload check shortens it.
+                self.box.write(CONFIG, config_text(USERS, interval=LONG_INTERVAL_SECONDS))
                 continue
             if command.startswith("journalctl") and "-f" in command.split():
                 continue
@@ -294,6 +296,25 @@ class Run:
         if "terminal.down" not in warnings or "device=attic" not in warnings:
             raise CheckFailed("terminal.down device=attic is not in journalctl -p warning")
         return f"STATUS={status!r}; terminal.down in journalctl -p warning"
+
+    def reload_interval(self) -> str:
+        """Right after a poll of lobby (a new upload from it), shorten poll.interval_seconds from 40 s to 2 s:
+        lobby's next punch must then arrive long before the 40 s wait that was running would have ended."""
+        lobby = f"SIM{TERMINAL_PORTS[0]}"
+
+        def from_lobby() -> int:
+            return sum(1 for upload in uploads() if upload["device_id"] == lobby)
+
+        count = from_lobby()
+        wait_for(lambda: from_lobby() > count, LONG_INTERVAL_SECONDS + 20, "a poll of lobby at 40 s")
+        polled_at = time.monotonic()
+        self.box.write(CONFIG, config_text(USERS))
+        self.box.sh("systemctl reload zkdingsync")
+        count = from_lobby()
+        # lobby punches every 7 s and is polled every 2 s now; at 40 s its next poll would be much later.
+        wait_for(lambda: from_lobby() > count, 14, "lobby's next punch at the new interval")
+        took = time.monotonic() - polled_at
+        return f"reload exit 0; lobby's next punch {took:.0f} s after its poll, not {LONG_INTERVAL_SECONDS}"
 
     def reload_map(self) -> str:
         self.box.write(CONFIG, config_text({**USERS, "1003": "carol"}))
@@ -449,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         run.check("install as the README says", run.install, needed=True)
         run.check("start reaches active after READY", run.start, needed=True)
         run.check("STATUS= and journalctl -p warning", run.status_and_warnings)
+        run.check("reload: a shorter poll interval applies from the next poll", run.reload_interval)
         run.check("reload with a changed map applies it", run.reload_map)
         run.check("reload with a broken file keeps the old config", run.reload_broken)
         run.check("watchdog quiet for two minutes", run.watchdog)
