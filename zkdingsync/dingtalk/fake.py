@@ -5,7 +5,9 @@ validated), listRecord, the department/user walk, and the group robot (signature
 every upload it accepted, thread-safely, and can be told to misbehave: error codes for the next N calls
 (or for one user), HTTP errors, HTML pages, the IP-ban JSON, slow answers, accepting an upload and then
 never answering (the "outcome unknown" case), resetting the connection, expired or rejected tokens,
-refusing connections (an outage), a per-call latency, and the 20-QPS limit answered with 90018.
+refusing connections (an outage), a per-call latency, the 20-QPS limit answered with 90018, and what a
+proxy or captive portal in front of DingTalk might say: any JSON (`answer_next({"errcode": "abc"})`) or an
+answer of many megabytes (`huge_next`), each after the upload was recorded or instead of it.
 
 In a test:
 
