@@ -267,6 +267,31 @@ def write_config(
     return path
 
 
+def write_fleet_config(
+    path: Path,
+    *,
+    dingtalk: Any,
+    fleet: Mapping[str, Any],
+    users: Mapping[str, str],
+    app_key: str,
+    app_secret: str,
+    store: Path | None = None,
+    **changes: Any,
+) -> Path:
+    """`write_config` for fake terminals by name (`FakeTerminal`s) and a fake DingTalk (`FakeDingTalk`),
+    the store beside the config unless given, DingTalk calls timing out after 2 s."""
+    return write_config(
+        path,
+        store=store or path.parent / "zk.db",
+        api_base=dingtalk.url,
+        devices=[(name, terminal.port) for name, terminal in fleet.items()],
+        users=users,
+        app_key=app_key,
+        app_secret=app_secret,
+        **{"dingtalk_timeout_seconds": 2.0, **changes},
+    )
+
+
 def run_cli(
     args: Sequence[str], *, timeout: float = 30, environ: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

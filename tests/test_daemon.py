@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
-from harness import DaemonProcess, run_cli, write_config
+from harness import DaemonProcess, run_cli, write_config, write_fleet_config
 
 from zkdingsync.cli import EXIT_CONFIG
 from zkdingsync.dingtalk.fake import FakeDingTalk
@@ -32,15 +32,8 @@ APP_SECRET = "e2e-secret-value-1234"
 
 def configure(path: Path, dingtalk: FakeDingTalk, fleet: dict[str, FakeTerminal]) -> Path:
     """Write the daemon's config for these fakes (store beside it) and return its path."""
-    return write_config(
-        path,
-        store=path.parent / "zk.db",
-        api_base=dingtalk.url,
-        devices=[(name, terminal.port) for name, terminal in fleet.items()],
-        users=USERS,
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
-        dingtalk_timeout_seconds=2,
+    return write_fleet_config(
+        path, dingtalk=dingtalk, fleet=fleet, users=USERS, app_key=APP_KEY, app_secret=APP_SECRET
     )
 
 

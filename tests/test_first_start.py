@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
-from harness import DaemonProcess, run_cli, write_config
+from harness import DaemonProcess, run_cli, write_fleet_config
 
 from zkdingsync.dingtalk.fake import FakeDingTalk
 from zkdingsync.model import TerminalUser
@@ -33,15 +33,13 @@ def dingtalk() -> Iterator[FakeDingTalk]:
 
 
 def configure(tmp_path: Path, dingtalk: FakeDingTalk, fleet: dict[str, FakeTerminal], **changes: Any) -> Path:
-    return write_config(
+    return write_fleet_config(
         tmp_path / "config.yaml",
-        store=tmp_path / "zk.db",
-        api_base=dingtalk.url,
-        devices=[(name, terminal.port) for name, terminal in fleet.items()],
+        dingtalk=dingtalk,
+        fleet=fleet,
         users=USERS,
         app_key=APP_KEY,
         app_secret=APP_SECRET,
-        dingtalk_timeout_seconds=2,
         **changes,
     )
 

@@ -210,9 +210,9 @@ def test_expired_token_is_refreshed_once(world: World) -> None:
     assert world.fake.calls["gettoken"] == 2
 
 
-def test_quota_exhausted_waits_for_the_1st_and_says_so_once(world: World) -> None:
-    alerts: list[str] = []
-    world.forwarder = Forwarder(
+def alerting_forwarder(world: World, alerts: list[str]) -> Forwarder:
+    """A forwarder of the world's parts at the default rate, one call at a time, telling `alerts`."""
+    return Forwarder(
         world.store,
         world.client,
         UserMapper(USERS),
@@ -221,6 +221,11 @@ def test_quota_exhausted_waits_for_the_1st_and_says_so_once(world: World) -> Non
         sleep=world.clock.sleep,
         alert=alerts.append,
     )
+
+
+def test_quota_exhausted_waits_for_the_1st_and_says_so_once(world: World) -> None:
+    alerts: list[str] = []
+    world.forwarder = alerting_forwarder(world, alerts)
     world.fake.fail_next(90020, n=None)
     with structlog.testing.capture_logs() as events:
         world.forwarder.step()
@@ -336,15 +341,7 @@ def test_a_concurrent_success_does_not_end_a_hold(tmp_path: Path) -> None:
 
 def test_pause_and_resume_are_passed_to_the_alert_hook(world: World) -> None:
     alerts: list[str] = []
-    world.forwarder = Forwarder(
-        world.store,
-        world.client,
-        UserMapper(USERS),
-        concurrency=1,
-        clock=world.clock,
-        sleep=world.clock.sleep,
-        alert=alerts.append,
-    )
+    world.forwarder = alerting_forwarder(world, alerts)
     world.fake.fail_next(60011)
     world.forwarder.step()
     world.clock.advance(300)

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401 - fixtures
-from harness import write_config
+from harness import write_fleet_config
 
 from zkdingsync.dingtalk.fake import UPLOAD, FakeDingTalk
 from zkdingsync.model import Delivery
@@ -148,15 +148,14 @@ def test_disk_full_fails_closed_says_so_once_and_recovers_by_itself(
         for i, name in enumerate(("lobby", "gate"))
     }
     store = tmp_path / "state" / "zk.db"
-    config = write_config(
+    config = write_fleet_config(
         tmp_path / "config.yaml",
-        store=store,
-        api_base=dingtalk.url,
-        devices=[(name, terminal.port) for name, terminal in fleet.items()],
+        dingtalk=dingtalk,
+        fleet=fleet,
         users=USERS,
         app_key=APP_KEY,
         app_secret=APP_SECRET,
-        dingtalk_timeout_seconds=2,
+        store=store,
     )
     daemon = PipedDaemon(config, tmp_path)
 
