@@ -107,8 +107,12 @@ def test_backfill_by_device_and_the_errors_a_user_can_make(tmp_path: Path) -> No
 
 
 def test_backfill_command_line(tmp_path: Path) -> None:
-    config = config_for(tmp_path)
+    config = config_for(tmp_path, quota=10)
     history_store(tmp_path / "zk.db")
+    refused = run_cli(["backfill", "-c", str(config), "--since", "2026-11-01"])
+    assert refused.returncode == 1
+    assert "24 uploads is more than the 10 calls left" in refused.stderr and "--yes" in refused.stderr
+    assert "Traceback" not in refused.stderr
     bad = run_cli(["backfill", "-c", str(config), "--since", "2026-11-31"])
     assert bad.returncode == 2 and "'2026-11-31' is not a date YYYY-MM-DD" in bad.stderr
     dry = run_cli(["backfill", "-c", str(config), "--since", "2026-11-01", "--device", "lobby", "--dry-run"])

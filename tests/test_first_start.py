@@ -183,3 +183,29 @@ def test_unmapped_punches_are_parked_in_bulk_and_a_mapped_one_still_arrives(
     # In bulk, but for the batches the forwarder claimed before a sweep saw them (parked one by one).
     assert sum(e["punches"] for e in parked_lines) >= queued * 0.99
     assert [u["userid"] for u in dingtalk.uploads] == ["bob"]
+
+
+def test_quota_exhausted_keeps_storing_pauses_and_says_so_once(
+    tmp_path: Path, terminals: Callable[..., FakeTerminal], dingtalk: FakeDingTalk
+) -> None:
+    lobby = terminals(serial="QUOTA001", record_size=40, users=3, records=3, first_punch=history_start(3))
+    dingtalk.fail_next(90020, n=None)  # the organisation's month is spent already
+    config = configure(tmp_path, dingtalk, {"lobby": lobby})
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        wait_for(lambda: daemon.events("delivery.quota_exhausted"), timeout=30, interval=0.05)
+        calls = dingtalk.calls["upload"]
+        for enroll in ("1001", "1002"):
+            lobby.add_punch(enroll, punch_state=1)
+        document = wait_for(
+            lambda: (d := status(config))["delivery"]["pending"] == 5 and d, timeout=20, interval=0.2
+        )
+        assert dingtalk.calls["upload"] == calls  # nothing more asked of DingTalk this month
+    finally:
+        code = daemon.terminate(timeout=10)
+    assert code == 0, daemon.stderr()[-3000:]
+    [said] = daemon.events("delivery.quota_exhausted")
+    assert said["level"] == "error"
+    assert said["resumes_on"].endswith("-01")
+    assert any("resumes on" in line for line in document["needs_attention"])
+    assert dingtalk.uploads == []
