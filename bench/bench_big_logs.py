@@ -35,6 +35,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from bench.figures import report as print_figures
 from zkdingsync.config.objects import DeviceConfig, PollConfig
 from zkdingsync.devices.zk import LogRead, ZkReader
 from zkdingsync.logs import configure_logging
@@ -337,20 +338,8 @@ def stored(path: Path) -> int:
 
 
 def report(results: dict[str, dict[str, float]], out: TextIO) -> bool:
-    ok = True
-    for section, figures in results.items():
-        out.write(f"{section}\n")
-        for key, value in figures.items():
-            goal = GOALS.get(key)
-            verdict = ""
-            if goal is not None:
-                higher = key.endswith("ratio")
-                met = value >= goal if higher else value <= goal
-                ok &= met
-                verdict = f"   goal {'>=' if higher else '<='} {goal:g}: {'met' if met else 'MISSED'}"
-            out.write(f"  {key:34} {value:14.3f}{verdict}\n")
-        out.flush()
-    return ok
+    """Print the figures with their goals (ratios must reach theirs from below)."""
+    return print_figures(results, GOALS, out, higher_is_better=lambda key: key.endswith("ratio"))
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from zk import ZK
 
+from bench.figures import report as print_figures
 from zkdingsync.config.objects import DeviceConfig, PollConfig
 from zkdingsync.devices import zk as adapter
 from zkdingsync.devices.records import parse_attendance_buffer
@@ -224,19 +225,8 @@ def bench_cycle(child: Child, rounds: int = 3) -> dict[str, float]:
 
 
 def report(results: dict[str, dict[str, float]], out: TextIO) -> bool:
-    ok = True
-    for section, figures in results.items():
-        out.write(f"{section}\n")
-        for key, value in figures.items():
-            goal = GOALS.get(key)
-            verdict = ""
-            if goal is not None:
-                met = value <= goal if key.endswith("_seconds") else value >= goal
-                ok &= met
-                relation = "<=" if key.endswith("_seconds") else ">="
-                verdict = f"   goal {relation} {goal:g}: {'met' if met else 'MISSED'}"
-            out.write(f"  {key:32} {value:12.3f}{verdict}\n")
-    return ok
+    """Print the figures with their goals (times must stay under theirs, ratios reach theirs)."""
+    return print_figures(results, GOALS, out, higher_is_better=lambda key: not key.endswith("_seconds"))
 
 
 def main(argv: list[str]) -> int:

@@ -46,6 +46,7 @@ class Session:
     awaiting_ack: asyncio.TimerHandle | None = None
     last_seen: float = 0.0
     last_sent: float = 0.0  # TCP: when the last packet went out (monotonic)
+    eager: bool = False  # TCP: the client asked before a reply was all sent
     inbox: asyncio.Queue[bytes] | None = None  # UDP: datagrams waiting to be answered in order
 
 

@@ -25,7 +25,8 @@ log = structlog.get_logger(__name__)
 EVENT_ACK_TIMEOUT_SECONDS = 1.0
 UDP_SESSION_IDLE_SECONDS = 300.0
 MAX_TCP_PACKET = 1 << 20
-PACKET_GAP_SECONDS = 0.002  # between two packets on a connection: each leaves in a segment of its own
+PACKET_GAP_SECONDS = 0.004  # between the packets of one reply: each leaves in a segment of its own
+EAGER_GAP_SECONDS = 0.02  # between any two packets to a client that does not wait for replies (_keep_apart)
 
 
 class Transport:
@@ -173,6 +174,34 @@ class Transport:
 
         session = Session(send=send, udp=False)
         self.sessions.add(session)
+        requests: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        receiving = self.loop.create_task(self._receive_tcp(reader, requests))
+        try:
+            while (request := await requests.get()) is not None:
+                arrived, packet = request
+                # Asked before the previous reply was all sent: this client does not wait for replies.
+                session.eager = session.eager or arrived < session.last_sent
+                if not await self._serve_request(session, packet, writer):
+                    break
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client went away (pyzk's probe connection does this on purpose)
+        except asyncio.CancelledError:
+            # The terminal is closing. This is the task's top frame: ending quietly keeps asyncio's
+            # stream callback (which calls task.exception()) from logging a spurious traceback.
+            pass
+        finally:
+            receiving.cancel()
+            self._end_session(session)
+            self._tcp_writers.discard(writer)
+            writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _receive_tcp(
+        self, reader: asyncio.StreamReader, requests: asyncio.Queue[tuple[float, bytes] | None]
+    ) -> None:
+        """Read framed requests as they come, each with its arrival time; None when the stream ends."""
         try:
             while True:
                 prefix = await reader.readexactly(p.TCP_PREFIX.size)
@@ -181,21 +210,11 @@ class Transport:
                     log.debug("simulator.bad_frame", serial=self.data.serial, port=self.port)
                     break
                 packet = await reader.readexactly(length)
-                if not await self._serve_request(session, packet, writer):
-                    break
-                await writer.drain()
+                requests.put_nowait((time.monotonic(), packet))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client went away (pyzk's probe connection does this on purpose)
-        except asyncio.CancelledError:
-            # The terminal is closing. This is the task's top frame: ending quietly keeps asyncio's
-            # stream callback (which calls task.exception()) from logging a spurious traceback.
-            pass
+            pass  # the client went away
         finally:
-            self._end_session(session)
-            self._tcp_writers.discard(writer)
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
+            requests.put_nowait(None)
 
     def _end_session(self, session: Session) -> None:
         if session.awaiting_ack is not None:
@@ -228,9 +247,9 @@ class Transport:
                 return False
         session.replying = True
         try:
-            for out in packets:
+            for index, out in enumerate(packets):
                 if writer is not None:
-                    await self._keep_apart(session, writer)
+                    await self._keep_apart(session, writer, first=index == 0)
                 session.send(out)
         finally:
             session.replying = False
@@ -241,11 +260,15 @@ class Transport:
         return True
 
     @staticmethod
-    async def _keep_apart(session: Session, writer: asyncio.StreamWriter) -> None:
-        """Wait until the previous packet has left and `PACKET_GAP_SECONDS` have passed since it, so
-        the next one is a segment (and, for the client, a receive) of its own."""
+    async def _keep_apart(session: Session, writer: asyncio.StreamWriter, *, first: bool) -> None:
+        """Wait until the previous packet has left and a pause has passed since it, so the next one is
+        a segment (and, for the client, a receive) of its own: `PACKET_GAP_SECONDS` between the packets
+        of one reply, none between replies; but `EAGER_GAP_SECONDS` between any two packets to an eager
+        client (one that asks before the previous reply is complete, as zkteco-js does after a buffered
+        read: two packets in one receive lose it the second, and a busy client reads them late)."""
         await writer.drain()
-        wait = session.last_sent + PACKET_GAP_SECONDS - time.monotonic()
+        gap = EAGER_GAP_SECONDS if session.eager else 0.0 if first else PACKET_GAP_SECONDS
+        wait = session.last_sent + gap - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         session.last_sent = time.monotonic()
