@@ -214,3 +214,20 @@ def test_sigterm_stops_it_in_the_main_thread() -> None:
     assert command.run(parse("--base-port", "0", "--records", "0"), None, out) == 0
     sender.join(timeout=5)
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+
+
+def test_log_options_reach_the_terminal_spec() -> None:
+    args = parse("--records", "10", "--capacity", "50", "--full-log", "rotate", "--offset-reads", "error")
+    spec, _ = command._build_spec({}, 0, args)
+    assert (spec.records, spec.capacity, spec.overwrite_when_full, spec.offset_reads) == (
+        10,
+        50,
+        True,
+        "error",
+    )
+    spec, _ = command._build_spec({"overwrite_when_full": False, "offset_reads": "ignore"}, 0, args)
+    assert (spec.overwrite_when_full, spec.offset_reads) == (False, "ignore")  # a spec file entry wins
+    defaults, _ = command._build_spec({}, 0, parse())
+    assert (defaults.overwrite_when_full, defaults.offset_reads) == (False, "honour")
+    with pytest.raises(UserError, match="offset_reads must be one of"):
+        command._build_spec({"offset_reads": "sometimes"}, 0, args)

@@ -175,22 +175,9 @@ class TerminalData:
             count = max(0, min(count, self.spec.capacity - self._record_count()))
             start = self._record_count()
             users = self._users or [TerminalUser(i, str(i), "") for i in range(1, 101)]
-        base = codec.encode_local_time(first)
-        base_day, base_second = divmod(base, 86_400)
-        base_date = datetime(*codec.decode_time(base_day * 86_400)).date()  # noqa: DTZ001 - wall clock
-        day_values: dict[int, int] = {}
-        size = self.spec.record_size
-        chunks: list[bytes] = []
-        for i in range(start, start + count):
-            user = users[i % len(users)]
-            # Walk real calendar days (the encoding has 31-day months), caching each day's encoding.
-            day_offset, second = divmod(base_second + step_seconds * i, 86_400)
-            day_value = day_values.get(day_offset)
-            if day_value is None:
-                day = base_date + timedelta(days=day_offset)
-                day_value = day_values[day_offset] = codec.encode_time(day.year, day.month, day.day, 0, 0, 0)
-            record = AttendanceRecord(user.enroll_number, first, 1, i % 2, 0, user.uid)
-            chunks.append(codec.encode_record(record, size, time_value=day_value + second))
+        chunks = _deterministic_records(
+            users, first, step_seconds, range(start, start + count), self.spec.record_size
+        )
         with self._lock:
             self._log += b"".join(chunks)
         return count
@@ -323,3 +310,26 @@ class TerminalData:
                         self._faults.remove(fault)
                     return fault
         return None
+
+
+def _deterministic_records(
+    users: Sequence[TerminalUser], first: str, step_seconds: int, indexes: range, size: int
+) -> list[bytes]:
+    """Encode the deterministic punches `indexes` of `add_punches` (user i % len(users), time first +
+    step * i walking real calendar days, punch state i % 2)."""
+    base = codec.encode_local_time(first)
+    base_day, base_second = divmod(base, 86_400)
+    base_date = datetime(*codec.decode_time(base_day * 86_400)).date()  # noqa: DTZ001 - wall clock
+    day_values: dict[int, int] = {}
+    chunks: list[bytes] = []
+    for i in indexes:
+        user = users[i % len(users)]
+        # Walk real calendar days (the encoding has 31-day months), caching each day's encoding.
+        day_offset, second = divmod(base_second + step_seconds * i, 86_400)
+        day_value = day_values.get(day_offset)
+        if day_value is None:
+            day = base_date + timedelta(days=day_offset)
+            day_value = day_values[day_offset] = codec.encode_time(day.year, day.month, day.day, 0, 0, 0)
+        record = AttendanceRecord(user.enroll_number, first, 1, i % 2, 0, user.uid)
+        chunks.append(codec.encode_record(record, size, time_value=day_value + second))
+    return chunks

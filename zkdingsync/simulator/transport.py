@@ -243,13 +243,14 @@ class Transport:
         if command == p.CMD_READ_BUFFER and len(packets) > 2:
             drop = self.data.take_fault(FaultKind.DROP_MID_DOWNLOAD, command)
             if drop is not None:
-                self._send_partial(session, packets, drop.after_bytes, writer)
+                _send_partial(session, packets, drop.after_bytes, writer)
+                self._end_session(session)
                 return False
         session.replying = True
         try:
             for index, out in enumerate(packets):
                 if writer is not None:
-                    await self._keep_apart(session, writer, first=index == 0)
+                    await _keep_apart(session, writer, first=index == 0)
                 session.send(out)
         finally:
             session.replying = False
@@ -258,38 +259,6 @@ class Transport:
             self._end_session(session)
             return False
         return True
-
-    @staticmethod
-    async def _keep_apart(session: Session, writer: asyncio.StreamWriter, *, first: bool) -> None:
-        """Wait until the previous packet has left and a pause has passed since it, so the next one is
-        a segment (and, for the client, a receive) of its own: `PACKET_GAP_SECONDS` between the packets
-        of one reply, none between replies; but `EAGER_GAP_SECONDS` between any two packets to an eager
-        client (one that asks before the previous reply is complete, as zkteco-js does after a buffered
-        read: two packets in one receive lose it the second, and a busy client reads them late)."""
-        await writer.drain()
-        gap = EAGER_GAP_SECONDS if session.eager else 0.0 if first else PACKET_GAP_SECONDS
-        wait = session.last_sent + gap - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        session.last_sent = time.monotonic()
-
-    def _send_partial(
-        self, session: Session, packets: list[bytes], after_bytes: int, writer: asyncio.StreamWriter | None
-    ) -> None:
-        """Send PREPARE_DATA and `after_bytes` bytes of the chunk, then stop (the drop fault)."""
-        session.send(packets[0])
-        if writer is not None:
-            data = b"".join(p.tcp_frame(packet) for packet in packets[1:-1])
-            writer.write(data[: p.TCP_PREFIX.size + p.HEADER.size + max(0, after_bytes)])
-            writer.close()
-        else:
-            sent = 0
-            for packet in packets[1:-1]:
-                if sent >= after_bytes:
-                    break
-                session.send(packet)
-                sent += len(packet) - p.HEADER.size
-        self._end_session(session)
 
     # UDP --------------------------------------------------------------------------------------
 
@@ -343,6 +312,39 @@ class Transport:
             if now - session.last_seen > UDP_SESSION_IDLE_SECONDS:
                 del self._udp_sessions[address]
                 self._end_session(session)
+
+
+async def _keep_apart(session: Session, writer: asyncio.StreamWriter, *, first: bool) -> None:
+    """Wait until the previous packet has left and a pause has passed since it, so the next one is
+    a segment (and, for the client, a receive) of its own: `PACKET_GAP_SECONDS` between the packets
+    of one reply, none between replies; but `EAGER_GAP_SECONDS` between any two packets to an eager
+    client (one that asks before the previous reply is complete, as zkteco-js does after a buffered
+    read: two packets in one receive lose it the second, and a busy client reads them late)."""
+    await writer.drain()
+    gap = EAGER_GAP_SECONDS if session.eager else 0.0 if first else PACKET_GAP_SECONDS
+    wait = session.last_sent + gap - time.monotonic()
+    if wait > 0:
+        await asyncio.sleep(wait)
+    session.last_sent = time.monotonic()
+
+
+def _send_partial(
+    session: Session, packets: list[bytes], after_bytes: int, writer: asyncio.StreamWriter | None
+) -> None:
+    """Send PREPARE_DATA and `after_bytes` bytes of the chunk, then stop (the drop fault); the caller
+    ends the session."""
+    session.send(packets[0])
+    if writer is not None:
+        data = b"".join(p.tcp_frame(packet) for packet in packets[1:-1])
+        writer.write(data[: p.TCP_PREFIX.size + p.HEADER.size + max(0, after_bytes)])
+        writer.close()
+    else:
+        sent = 0
+        for packet in packets[1:-1]:
+            if sent >= after_bytes:
+                break
+            session.send(packet)
+            sent += len(packet) - p.HEADER.size
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
