@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timezone, tzinfo
+from functools import lru_cache
 
 from zkdingsync.printable import printable
 from zkdingsync.store import ExportedPunch
@@ -122,16 +123,21 @@ class RowMaker:
     def _zone_of(self, punch: ExportedPunch, local: datetime | None) -> str | None:
         """The terminal's configured zone and the UTC offset the punch was read with ("Asia/Shanghai
         +08:00"); the offset alone for a terminal no longer configured."""
-        offset = None
         minutes = None
         if local is not None and punch.check_time_ms is not None:
-            utc = datetime.fromtimestamp(punch.check_time_ms / 1000, timezone.utc).replace(tzinfo=None)
-            minutes = round((local - utc) / timedelta(minutes=1))
-        if minutes is not None and abs(minutes) <= _MAX_OFFSET_MINUTES:
-            sign = "+" if minutes >= 0 else "-"
-            offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
-        parts = [part for part in (self.device_zones.get(punch.device), offset) if part]
-        return " ".join(parts) or None
+            wall_ms = local.replace(tzinfo=timezone.utc).timestamp() * 1000
+            minutes = round((wall_ms - punch.check_time_ms) / 60_000)
+        return _zone_text(self.device_zones.get(punch.device), minutes)
+
+
+@lru_cache(maxsize=1024)  # a few zones and offsets, asked for on every row
+def _zone_text(zone: str | None, minutes: int | None) -> str | None:
+    offset = None
+    if minutes is not None and abs(minutes) <= _MAX_OFFSET_MINUTES:
+        sign = "+" if minutes >= 0 else "-"
+        offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    parts = [part for part in (zone, offset) if part]
+    return " ".join(parts) or None
 
 
 def _local_time(text: str) -> datetime | None:

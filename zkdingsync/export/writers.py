@@ -1,25 +1,33 @@
 """Writing export rows as CSV or XLSX, one row at a time, in bounded memory.
 
 CSV is UTF-8 with a byte-order mark (Excel then reads the Chinese correctly) and English headers.
-XLSX is written by openpyxl in write-only mode (rows go to a temporary file, not to memory): a bold
-header row in English and Chinese, frozen below the header, fixed column widths, times as real Excel
-date-times. A sheet holds at most Excel's 1,048,576 rows; a longer export continues on the next sheet.
+XLSX: openpyxl (write-only mode) writes the workbook and each sheet's frame, a bold header row in English
+and Chinese, frozen below the header, fixed column widths; the rows are streamed compressed into the
+file (`sheet_xml`), times as real Excel date-times. A sheet holds at most Excel's 1,048,576 rows; a longer
+export continues on the next sheet.
 """
 
 from __future__ import annotations
 
 import csv
+import zipfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import IO, Protocol, TextIO
 
 from zkdingsync.export.columns import COLUMNS, Cell
+from zkdingsync.export.sheet_xml import SheetFrame, sheet_part
 
 FORMATS = ("csv", "xlsx")
 EXCEL_MAX_ROWS = 1_048_576
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 SHEET_TITLE = "punches"
+# A sheet's XML stays under 1.5 GiB (a zip entry past 2 GiB needs the Zip64 extension, which Excel answers
+# with a repair prompt); at about 1 KB a row, Excel's row limit comes first.
+_SHEET_BYTES = 1536 * 1024 * 1024
+_ROWS_PER_WRITE = 500
+_COMPRESS_LEVEL = 6
 
 # Column widths in characters, wide enough for the usual content (a time, "fingerprint 指纹", an id).
 _WIDTHS = {
@@ -72,45 +80,57 @@ class CsvRows:
 
 
 class XlsxRows:
-    """XLSX through openpyxl's write-only mode; the workbook is saved to `path` by `close()`."""
+    """XLSX: openpyxl's workbook around rows streamed into the file's zip (`sheet_xml`); `close()`
+    finishes the file."""
 
     def __init__(self, path: Path) -> None:
-        from openpyxl import Workbook  # imported here: only XLSX exports pay for it
-
-        self._path = path
-        self._book = Workbook(write_only=True)
+        """Given the file to write, start its first sheet."""
+        self._frame = SheetFrame.build(
+            [f"{english} {chinese}" for english, chinese in COLUMNS],
+            [_WIDTHS.get(english, 16) for english, _ in COLUMNS],
+        )
+        self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL)
+        self._titles: list[str] = []
+        self._sheet: IO[bytes] | None = None
+        self._rows: list[str] = []
         self._rows_in_sheet = 0
-        self._sheets = 0
+        self._bytes_in_sheet = 0
         self._new_sheet()
 
     def _new_sheet(self) -> None:
-        from openpyxl.cell import WriteOnlyCell
-        from openpyxl.styles import Font
-        from openpyxl.utils import get_column_letter
+        self._end_sheet()
+        self._titles.append(SHEET_TITLE if not self._titles else f"{SHEET_TITLE} {len(self._titles) + 1}")
+        self._sheet = self._zip.open(sheet_part(len(self._titles)), "w")
+        self._sheet.write(self._frame.prefix)
+        self._rows_in_sheet = 1  # the header
+        self._bytes_in_sheet = 0  # of rows
 
-        self._sheets += 1
-        title = SHEET_TITLE if self._sheets == 1 else f"{SHEET_TITLE} {self._sheets}"
-        sheet = self._book.create_sheet(title)
-        sheet.freeze_panes = "A2"
-        for index, (english, _) in enumerate(COLUMNS, start=1):
-            sheet.column_dimensions[get_column_letter(index)].width = _WIDTHS.get(english, 16)
-        bold = Font(bold=True)
-        header = []
-        for english, chinese in COLUMNS:
-            cell = WriteOnlyCell(sheet, value=f"{english} {chinese}")
-            cell.font = bold
-            header.append(cell)
-        sheet.append(header)
-        self._sheet = sheet
-        self._rows_in_sheet = 1
+    def _flush(self) -> None:
+        if self._rows and self._sheet is not None:
+            data = "".join(self._rows).encode()
+            self._sheet.write(data)
+            self._bytes_in_sheet += len(data)
+            self._rows.clear()
+
+    def _end_sheet(self) -> None:
+        if self._sheet is not None:
+            self._flush()
+            self._sheet.write(self._frame.suffix)
+            self._sheet.close()
+            self._sheet = None
 
     def write(self, row: Sequence[Cell]) -> None:
         """Append one row (a full sheet continues on a new one, under the same header)."""
-        if self._rows_in_sheet >= EXCEL_MAX_ROWS:
+        if self._rows_in_sheet >= EXCEL_MAX_ROWS or self._bytes_in_sheet >= _SHEET_BYTES:
             self._new_sheet()
-        self._sheet.append(row)
         self._rows_in_sheet += 1
+        self._rows.append(self._frame.row(self._rows_in_sheet, row))
+        if len(self._rows) >= _ROWS_PER_WRITE:
+            self._flush()
 
     def close(self) -> None:
-        """Write the workbook to its file."""
-        self._book.save(self._path)
+        """Finish the last sheet and write the workbook's other parts."""
+        self._end_sheet()
+        for name, data in self._frame.package(self._titles).items():
+            self._zip.writestr(name, data)
+        self._zip.close()
