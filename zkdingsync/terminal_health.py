@@ -76,7 +76,8 @@ class TerminalHealth:
         """Log once that the firmware cannot read from an offset (the terminal is read whole from now)."""
         if not self.offset_reads_logged:
             self.offset_reads_logged = True
-            log.warning(
+            # Not a fault to fix: the firmware is what it is, and nothing is lost; so not a warning.
+            log.info(
                 "terminal.no_tail_reads",
                 device=self.device,
                 reason=problem,

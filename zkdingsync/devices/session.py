@@ -292,7 +292,7 @@ class Session:
                 data = pyzk.read_chunk(self.zk, offset, size)
             except (ZKErrorResponse, TooMuchData) as error:
                 if offset and not aligned:
-                    raise OffsetUnsupported(f"it refuses buffered reads from an offset ({error})") from error
+                    raise OffsetUnsupported("it refuses buffered reads from an offset") from error
                 raise
             if data is None or len(data) != size:
                 got = "nothing" if data is None else f"{len(data)} bytes"
