@@ -307,6 +307,12 @@ def run_cli(
     )
 
 
+def parked_status(config: Path, parked: int) -> str | None:
+    """`zkdingsync status` (plain text) once it shows `parked` parked punches, else None."""
+    result = run_cli(["status", "-c", str(config)])
+    return result.stdout if f"parked           {parked}" in result.stdout else None
+
+
 class DaemonProcess:
     """`python -m zkdingsync run -c CONFIG` as a child process, its output in files under `directory`."""
 

@@ -133,9 +133,40 @@ def test_an_id_that_is_not_text_is_mapped_by_its_hex_key(tmp_path: Path, config_
         **{'"1001": manager4220': '"1001": manager4220\n    "hex:c4e3bac3": dave'},
     )
     assert load_config(config, environ={}).users.map["hex:c4e3bac3"] == "dave"
-    for bad in ("hex:C4E3", "hex:c4e", "hex:", "hex:zz"):
-        broken = write(
-            tmp_path / "broken.yaml", config_template, tmp_path / "zk.db", **{'"1001"': f'"{bad}"'}
-        )
-        (problem,) = problems_of(broken)
-        assert "is not an enroll number" in problem
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["A-17", "E0012", "hex:C4E3", "hex:zz", "hex:", "张三", "a b", "x" * 24, "工号工号工号工号", "🙂" * 6],
+)
+def test_any_text_a_terminal_can_report_is_a_key(tmp_path: Path, config_template: str, key: str) -> None:
+    # Up to 24 bytes of UTF-8: the text field of the 40/49-byte records and the 72-byte user table. Text
+    # that merely looks like a hex key is text a terminal may store, too.
+    config = write(tmp_path / "config.yaml", config_template, tmp_path / "zk.db", **{'"1001"': f'"{key}"'})
+    assert dict(load_config(config, environ={}).users.map) == {key: "manager4220"}
+
+
+@pytest.mark.parametrize(
+    ("key", "shown", "why"),
+    [
+        ('""', "''", "it is empty"),
+        ('"   "', "'   '", "it has spaces at an end"),
+        ('" A-17"', "' A-17'", "it has spaces at an end: write it without them"),
+        ('"' + "x" * 25 + '"', "'" + "x" * 25 + "'", "longer than the 24 bytes (UTF-8)"),
+        ('"工号工号工号工号工"', "'工号工号工号工号工'", "longer than the 24 bytes"),  # 27 bytes
+        ('"hex:' + "c4" * 25 + '"', "'" + ("hex:" + "c4" * 25)[:40] + "…'", "longer than the 24 bytes"),
+        ('"A\\x07B"', "'A\\x07B'", "it holds a control character"),
+        ("1.5", "'1.5'", "it is 1.5 (a number), not text: write it in quotes"),
+        ("true", "'true'", "not text: write it in quotes"),
+    ],
+)
+def test_a_key_no_terminal_could_report_is_one_line_with_its_line(
+    tmp_path: Path, config_template: str, key: str, shown: str, why: str
+) -> None:
+    config = write(tmp_path / "config.yaml", config_template, tmp_path / "zk.db", **{'"1001"': key})
+    line = config.read_text(encoding="utf-8").splitlines().index(f"    {key}: manager4220") + 1
+    (problem,) = problems_of(config)
+    assert f":{line}: users.map." in problem
+    assert f"{shown} is not an enroll number: " in problem
+    assert why in problem
+    assert "\n" not in problem and len(problem) <= LONGEST_PROBLEM

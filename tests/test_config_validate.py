@@ -126,11 +126,11 @@ CASES = [
         replace={7: "  interval_seconds: 0"},
     ),
     Case(
-        "non-digit user map key",
+        "user map key longer than any terminal's enroll number",
         10,
-        "users.map.ab12",
-        "'ab12' is not an enroll number (digits, or hex: and hex digits)",
-        replace={10: '    "ab12": manager4220'},
+        "users.map.A-17-A-17-A-17-A-17-A-17-X",
+        "'A-17-A-17-A-17-A-17-A-17-X' is not an enroll number: it is longer than the 24 bytes",
+        replace={10: '    "A-17-A-17-A-17-A-17-A-17-X": manager4220'},
     ),
     Case("missing devices", 1, "devices", "is required but missing", remove=(11, 12, 13, 14, 15, 16)),
     Case("missing app_key", 1, "dingtalk.app_key", "is required but missing", remove=(2,)),
@@ -307,7 +307,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
             "  timeout: 10",  # 7
             "users:",  # 8
             "  map:",  # 9
-            "    abc: someone",  # 10
+            '    "": someone',  # 10
             "devices:",  # 11
             "  - name: lobby",  # 12
             "    host: 1.2.3.4; rm -rf /",  # 13
@@ -335,7 +335,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "4: dingtalk.rate_per_second: 50 is greater than 20",
         "6: poll.interval_seconds: 0 is less than 1",
         "7: poll.timeout: unknown key; did you mean 'timeout_seconds'?",
-        "10: users.map.abc: 'abc' is not an enroll number",
+        "10: users.map.: '' is not an enroll number: it is empty",
         "13: devices[0].host: '1.2.3.4; rm -rf /' is neither",
         "14: devices[0].port: 70000 is greater than 65535",
         "15: devices[1].name: 'lobby' is already used by devices[0]",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_simulator import simulator_fixture, terminals_fixture, wait_for  # noqa: F401
-from harness import DaemonProcess, run_cli, write_config
+from harness import DaemonProcess, parked_status, write_config
 
 from zkdingsync.dingtalk.fake import FakeDingTalk
 from zkdingsync.model import Delivery, TerminalUser
@@ -190,9 +190,3 @@ def test_hostile_terminals_escape_sequences_gbk_ids_and_two_billion_records(
     [down] = [line for line in log.splitlines() if "event=terminal.down" in line]
     assert "device=liar" in down and "2,000,000,000 records" in down
     assert liar.command_count(protocol.CMD_PREPARE_BUFFER) == 0
-
-
-def parked_status(config: Path, parked: int) -> str | None:
-    """`zkdingsync status` (plain text) once it shows `parked` parked punches, else None."""
-    result = run_cli(["status", "-c", str(config)])
-    return result.stdout if f"parked           {parked}" in result.stdout else None

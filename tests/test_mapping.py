@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from zkdingsync.devices.records import parse_attendance_buffer, with_length_prefix
 from zkdingsync.dingtalk.client import DingTalkClient
 from zkdingsync.dingtalk.fake import LIST_USERS, FakeDingTalk
-from zkdingsync.mapping import UserMapper, unmapped_reason
+from zkdingsync.mapping import UserMapper, enroll_key, unmapped_reason
 from zkdingsync.model import Directory
 from zkdingsync.store import Store
 
@@ -56,6 +58,19 @@ def test_explicit_map_only() -> None:
     assert mapper.resolve("1023") is None
     assert not mapper.refresh_due()
     assert not mapper.maybe_refresh()
+
+
+def test_text_enroll_numbers_map_as_the_terminal_reports_them() -> None:
+    # A 40-byte record's id field: NUL padding is cut by the decoder, space padding by the comparison.
+    nul_padded = struct.pack("<H24sB4sB8s", 1, b"A-17".ljust(24, b"\0"), 1, b"\0" * 4, 0, b"\0" * 8)
+    space_padded = struct.pack("<H24sB4sB8s", 2, b"E0012   ".ljust(24, b"\0"), 1, b"\0" * 4, 0, b"\0" * 8)
+    _, records = parse_attendance_buffer(with_length_prefix(nul_padded + space_padded), 2)
+    assert [record.enroll_number for record in records] == ["A-17", "E0012   "]
+    mapper = UserMapper({"A-17": "lee", "E0012": "wang"})
+    assert [mapper.resolve(record.enroll_number) for record in records] == ["lee", "wang"]
+    assert enroll_key("E0012   ") == "E0012"
+    assert mapper.resolve("a-17") is None  # compared exactly otherwise: case and inner spaces count
+    assert mapper.resolve("A 17") is None
 
 
 def test_unmapped_number_is_logged_once_per_number() -> None:

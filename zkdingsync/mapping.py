@@ -54,6 +54,13 @@ def unmapped_reason(enroll_number: str) -> str:
     return f"enroll number {enroll_number} has no DingTalk user"
 
 
+def enroll_key(enroll_number: str) -> str:
+    """Given an enroll number as a terminal reported it, return the text `users.map` and the job numbers
+    are compared by: without spaces at either end (firmware that pads its id fields with spaces rather
+    than NULs; the record decoder already cut the NUL padding)."""
+    return str(enroll_number).strip()
+
+
 def _without_leading_zeros(number: str) -> str:
     return number.lstrip("0") or "0"
 
@@ -77,7 +84,7 @@ class UserMapper:
         """
         if match_job_number and (source is None or cache is None):
             raise ValueError("match_job_number needs a job number source and a cache")
-        self._explicit = {str(k).strip(): str(v).strip() for k, v in explicit.items()}
+        self._explicit = {enroll_key(k): str(v).strip() for k, v in explicit.items()}
         self.match_job_number = match_job_number
         self._source = source
         self._cache = cache
@@ -110,7 +117,7 @@ class UserMapper:
         if match_job_number and (self._source is None or self._cache is None):
             raise ValueError("match_job_number needs a job number source and a cache")
         switched_on = match_job_number and not self.match_job_number
-        self._explicit = {str(k).strip(): str(v).strip() for k, v in explicit.items()}
+        self._explicit = {enroll_key(k): str(v).strip() for k, v in explicit.items()}
         self.match_job_number = match_job_number
         if switched_on and self._cache is not None:
             try:
@@ -124,7 +131,7 @@ class UserMapper:
 
     def resolve(self, enroll_number: str) -> str | None:
         """Return the DingTalk userid of an enroll number, or None when nobody has it."""
-        number = str(enroll_number).strip()
+        number = enroll_key(enroll_number)
         userid = self._explicit.get(number)
         if userid:
             return userid
@@ -139,7 +146,7 @@ class UserMapper:
         Logged once per number (again only after the number was seen mapped in between). With job
         number matching on, ask for an early refresh: HR may just have filled in the job number.
         """
-        number = str(enroll_number).strip()
+        number = enroll_key(enroll_number)
         with self._lock:
             first = number not in self._reported
             self._reported.add(number)

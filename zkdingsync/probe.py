@@ -19,6 +19,7 @@ from typing import TextIO
 
 from zkdingsync.devices.zk import TerminalState, probe_offset_reads, read_info, read_users
 from zkdingsync.errors import TerminalError, UserError
+from zkdingsync.mapping import enroll_key
 from zkdingsync.model import TerminalUser, utc_now
 from zkdingsync.poller import ConfigLike, PolledDevice
 from zkdingsync.printable import printable
@@ -50,7 +51,7 @@ def format_users(enrolled: Sequence[TerminalUser], user_map: Mapping[str, str]) 
     lines = ["  enrolled:"]
     unmapped = 0
     for user in sorted(enrolled, key=lambda u: (len(u.enroll_number), u.enroll_number)):
-        userid = user_map.get(user.enroll_number)
+        userid = user_map.get(enroll_key(user.enroll_number))
         unmapped += userid is None
         target = f"-> {userid}" if userid else "(not in users.map)"
         lines.append(f"    {user.enroll_number:>{width}}  {user.name or '-'}  {target}")

@@ -29,7 +29,7 @@ REQUIRED: Any = _Required()
 #   name      printable text, no spaces at the ends, at most 64 characters
 #   time_of_day  "HH:MM", 24-hour
 #   date      a calendar day, YYYY-MM-DD
-#   user_map  mapping of enroll-number digits -> DingTalk userid
+#   user_map  mapping of enroll number (as a terminal reports it) -> DingTalk userid
 # Container kinds: section (mapping of `children`), list (sequence of sections described by `children`).
 SCALAR_KINDS = frozenset(
     {
@@ -317,10 +317,11 @@ SCHEMA = Key(
                 Key(
                     "map",
                     "user_map",
-                    'Terminal enroll number -> DingTalk userid. Quote the numbers ("0012") so that leading '
-                    "zeros are kept. An id a terminal stores as bytes that are not text (GBK firmware) is "
-                    'written "hex:" and its bytes, as `probe --users` shows it ("hex:c4e3bac3"). Punches of '
-                    "unmapped employees are parked until mapped, then `retry`.",
+                    "Terminal enroll number -> DingTalk userid. The key is the enroll number as the "
+                    'terminal reports it and `probe --users` shows it, in quotes: digits ("0012" keeps its '
+                    'leading zeros) or text ("A-17", "E0012"; at most 24 bytes), or, for an id stored as '
+                    'bytes that are not text (GBK firmware), "hex:" and its bytes ("hex:c4e3bac3"). '
+                    "Punches of unmapped employees are parked until mapped, then `retry`.",
                     default={},
                     example={"1001": "manager4220"},
                     in_example=True,

@@ -19,15 +19,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from zkdingsync.config.schema import Key
 from zkdingsync.config.tree import INT_TAG, INVALID, Node, Problems, describe, did_you_mean, plain
+from zkdingsync.devices.records import unreportable_id
 from zkdingsync.history import parse_day
 from zkdingsync.hosts import check_host
 from zkdingsync.printable import ECHO_LIMIT, printable, quoted
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
-# Digits, or an id a terminal stores as bytes that are not UTF-8, written the way the terminal adapter
-# shows it: "hex:" and the bytes in hex (`devices.records.HEX_ID_PREFIX`; `probe --users` lists them).
-_ENROLL_NUMBER = re.compile(r"[0-9]{1,24}|hex:(?:[0-9a-f]{2}){1,24}")
 _TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 _MAX_NAME_LENGTH = 64
 
@@ -209,7 +207,7 @@ class Values:
         return value if value.is_absolute() else Path(os.path.normpath(self.base_dir / value))
 
     def user_map(self, node: Node, path: str) -> Any:
-        """Validate users.map: enroll-number digits -> non-empty DingTalk userid."""
+        """Validate users.map: an enroll number a terminal can report -> non-empty DingTalk userid."""
         if node.kind == "scalar" and node.value is None:
             return {}
         if node.kind != "mapping":
@@ -228,12 +226,9 @@ class Values:
             text = key.text if key.tag == INT_TAG and key.text is not None else key.value
             shown = printable(key.text if key.text is not None else str(text), ECHO_LIMIT)
             entry_path = f"{path}.{shown}"
-            if not isinstance(text, str) or not _ENROLL_NUMBER.fullmatch(text):
-                self.problems.add(
-                    key.line,
-                    entry_path,
-                    f"{quoted(shown)} is not an enroll number (digits, or hex: and hex digits)",
-                )
+            problem = self._enroll_number_problem(text)
+            if problem is not None:
+                self.problems.add(key.line, entry_path, f"{quoted(shown)} is not an enroll number: {problem}")
                 valid = False
                 continue
             if text in first_line:
@@ -249,6 +244,17 @@ class Values:
                 continue
             result[text] = userid
         return result if valid else INVALID
+
+    @staticmethod
+    def _enroll_number_problem(text: object) -> str | None:
+        """Why a users.map key is no enroll number a terminal could report, or None. The key is the text
+        the daemon stores for a punch: digits, text such as "A-17", or "hex:" and the bytes of an id that
+        is not text. The mapper compares ids without spaces at either end, so a key has none."""
+        if not isinstance(text, str):
+            return f"it is {describe(text)}, not text: write it in quotes"
+        if text and text != text.strip():
+            return "it has spaces at an end: write it without them (they are not compared)"
+        return unreportable_id(text)
 
     def _userid(self, node: Node, path: str) -> Any:
         if node.kind != "scalar":

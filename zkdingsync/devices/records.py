@@ -25,6 +25,7 @@ ASCII).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 
@@ -158,6 +159,27 @@ def _time_formatter() -> Callable[[int], str]:
 # An id (enroll number) whose bytes are not UTF-8 is kept as this prefix and the bytes in hex: U+FFFD
 # in their place could never be told apart or mapped; "hex:c4e3" maps in users.map and encodes back.
 HEX_ID_PREFIX = "hex:"
+# The widest enroll number a layout carries: the text field of the 40/49-byte records and the 72-byte
+# users (the 16-byte records and 28-byte users carry a u32, at most 10 digits).
+ID_FIELD_BYTES = 24
+_HEX_ID = re.compile(r"hex:(?:[0-9a-f]{2}){1,24}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def unreportable_id(text: str) -> str | None:
+    """Given an enroll number as the config names it, return why no terminal could report it ("it is
+    empty", "it is longer than 24 bytes", "it holds a control character"), or None when one can: any
+    text of at most 24 bytes in UTF-8 (as `_decode_id_field` gives it), or an id that is not text as
+    "hex:" and its bytes."""
+    if _HEX_ID.fullmatch(text):
+        return None
+    if not text:
+        return "it is empty"
+    if _CONTROL.search(text):
+        return "it holds a control character"
+    if len(text.encode("utf-8", errors="surrogatepass")) > ID_FIELD_BYTES:
+        return f"it is longer than the {ID_FIELD_BYTES} bytes (UTF-8) a terminal's enroll number holds"
+    return None
 
 
 def _decode_id_field(raw: bytes) -> str:
