@@ -409,16 +409,28 @@ class Run:
             raise CheckFailed("no daemon.stopped in the journal")
         return "inactive, exit 0, daemon.stopped logged"
 
+    def _failed_for_good(self, status: str) -> None:
+        """Wait until systemd has settled the unit as failed with `status` and no restart pending.
+
+        A unit that will be restarted sits in SubState auto-restart (ActiveState activating) for
+        RestartSec; SubState failed means systemd decided against a restart, so no sleep is needed."""
+        wanted = {"ActiveState": "failed", "SubState": "failed", "ExecMainStatus": status, "NRestarts": "0"}
+
+        def settled() -> bool:
+            state = self.box.unit(*wanted)
+            if state != wanted:
+                raise CheckFailed(str(state))
+            return True
+
+        wait_for(settled, 30, f"failed with {status}, no restart", interval=0.5)
+
     def invalid_config(self) -> str:
         good = self.box.sh(f"cat {CONFIG}")
         self.box.write(CONFIG, good.split("devices:")[0] + "devices: []\n")
         since = self.box.now()
         try:
             self.box.run("systemctl start zkdingsync")
-            time.sleep(8)  # longer than RestartSec=5: a restart would have happened
-            state = self.box.unit("ActiveState", "ExecMainStatus", "NRestarts")
-            if state != {"ActiveState": "failed", "ExecMainStatus": "78", "NRestarts": "0"}:
-                raise CheckFailed(str(state))
+            self._failed_for_good("78")
             warnings = self.box.journal(since, "-p", "warning")
             if "devices: must list at least 1 entry" not in warnings:
                 raise CheckFailed(f"journalctl -p warning does not say why: {warnings.strip()[-300:]}")
@@ -433,10 +445,7 @@ class Run:
         since = self.box.now()
         try:
             self.box.run("systemctl start zkdingsync")
-            time.sleep(8)
-            state = self.box.unit("ActiveState", "ExecMainStatus", "NRestarts")
-            if state != {"ActiveState": "failed", "ExecMainStatus": "243", "NRestarts": "0"}:
-                raise CheckFailed(str(state))
+            self._failed_for_good("243")
             said = self.box.sh(f"journalctl -q --no-pager -o cat --since={since}")
             if "Failed to set up credentials" not in said:
                 raise CheckFailed(f"no 'Failed to set up credentials' in the journal: {said.strip()[-300:]}")
