@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -280,6 +281,189 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _reload_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
+    sub.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (default 60)",
+    )
+
+
+def _status_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def _probe_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("names", nargs="*", metavar="NAME", help="configured terminal names (default: all)")
+    sub.add_argument(
+        "--users",
+        action="store_true",
+        help="also list each terminal's enrolled users and the DingTalk userid users.map gives them",
+    )
+    sub.add_argument(
+        "--budget",
+        action="store_true",
+        help="punches per day per terminal over the last 30 days (from the store, else from the terminals), "
+        "the monthly DingTalk calls that implies and the edition that covers it",
+    )
+
+
+def _retry_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--reason", metavar="TEXT", help="only punches parked for a reason containing TEXT")
+    sub.add_argument("--device", metavar="NAME", help="only punches from this terminal")
+    sub.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="also re-queue quarantined punches (suspect times) that have a valid time",
+    )
+
+
+def _export_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--from", dest="first_day", required=True, metavar="DATE", help="first day, YYYY-MM-DD")
+    sub.add_argument("--to", dest="last_day", required=True, metavar="DATE", help="last day, YYYY-MM-DD")
+    sub.add_argument("--device", action="append", metavar="NAME", help="only this terminal (repeat for more)")
+    sub.add_argument(
+        "--enroll", action="append", metavar="NUMBER", help="only this enroll number (repeat for more)"
+    )
+    sub.add_argument(
+        "--format", choices=("csv", "xlsx"), help="csv or xlsx (default: from -o's suffix, else csv)"
+    )
+    sub.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
+
+
+def _backup_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("dest", metavar="DEST", help="the copy's file name, or a directory")
+    sub.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="with a directory: keep only the newest N dated copies there",
+    )
+
+
+def _backfill_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--since", type=_day, required=True, metavar="DATE", help="first day, YYYY-MM-DD")
+    sub.add_argument("--until", type=_day, metavar="DATE", help="last day, YYYY-MM-DD (default: no end)")
+    sub.add_argument("--device", action="append", metavar="NAME", help="only this terminal (repeat for more)")
+    sub.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
+    sub.add_argument("--yes", action="store_true", help="queue even beyond the calls left this month")
+
+
+def _demo_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=20.0,
+        help="how long to run before the final status (default 20)",
+    )
+
+
+def _no_arguments(sub: argparse.ArgumentParser) -> None:
+    del sub  # the command takes only the common options
+
+
+@dataclass(frozen=True)
+class _Command:
+    """One command of the table: its name, help texts and the function adding its arguments.
+
+    The handler is `cmd_<name>`, looked up when the parser is built (so a test may replace it).
+    """
+
+    name: str
+    summary: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+
+
+# The order here is the order of `zkdingsync --help`.
+_COMMANDS: tuple[_Command, ...] = (
+    _Command(
+        "run",
+        "run the daemon in the foreground",
+        "Poll every terminal, store every punch, deliver to DingTalk; until SIGTERM or SIGINT (exit 0).",
+    ),
+    _Command(
+        "validate",
+        "check the configuration",
+        "Check the configuration file. Exit 0 and print a summary when valid; otherwise print every "
+        "problem with its line and key on stderr and exit 78.",
+    ),
+    _Command(
+        "reload",
+        "make the running daemon re-read its configuration",
+        "Send SIGHUP to the daemon and wait for its answer: exit 0 when the new configuration is applied, "
+        "78 with its problems when the daemon rejected it and kept the previous one. The unit's ExecReload= "
+        "runs it, so that `systemctl reload zkdingsync` reports a broken file.",
+        _reload_arguments,
+    ),
+    _Command(
+        "status",
+        "show terminals and delivery states",
+        "Show each terminal and how many punches are in each delivery state, read from the store "
+        "(works while the daemon runs).",
+        _status_arguments,
+    ),
+    _Command(
+        "probe",
+        "connect to terminals and report what they say",
+        "Connect to terminals and report serial number, firmware, clock drift, record count and capacity.",
+        _probe_arguments,
+    ),
+    _Command(
+        "retry",
+        "put parked punches back in the delivery queue",
+        "Put parked punches back in the delivery queue (after fixing a user mapping, say). Works whether "
+        "or not the daemon is running.",
+        _retry_arguments,
+    ),
+    _Command(
+        "export",
+        "write the stored punches of some days as CSV or XLSX",
+        "Write every stored punch from --from to --to (terminal-local days, both included), whatever its "
+        "delivery state, with when it was stored and delivered and DingTalk's request or record id. "
+        "CSV (UTF-8 with BOM) goes to stdout unless -o names a file. Works while the daemon runs.",
+        _export_arguments,
+    ),
+    _Command(
+        "backup",
+        "make a consistent copy of the store",
+        "Copy the store through SQLite's backup API (also while the daemon runs), check the copy with "
+        "integrity_check and print its size and punch counts. DEST is a file, or a directory where the "
+        "copy is named by the date.",
+        _backup_arguments,
+    ),
+    _Command(
+        "backfill",
+        "queue history punches of a window of days",
+        "Queue never-delivered history punches (recorded before a terminal was first polled, or before "
+        "delivery.since) of a window of days, read in each terminal's zone. Prints the uploads that costs "
+        "and the DingTalk calls left this month; refuses (exit 1) beyond the calls left unless --yes. "
+        "Works whether or not the daemon is running.",
+        _backfill_arguments,
+    ),
+    _Command(
+        "simulate",
+        "run fake terminals on 127.0.0.1",
+        "Run fake terminals on 127.0.0.1 until interrupted; terminal i listens on BASE_PORT+i (TCP and UDP).",
+        add_simulate_arguments,
+    ),
+    _Command(
+        "demo",
+        "run everything on this machine and show the result",
+        "Start simulated terminals, a local fake DingTalk and the daemon; after a while print the status.",
+        _demo_arguments,
+    ),
+)
+
+
+def _handler(name: str) -> Handler:
+    handler: Handler = globals()[f"cmd_{name}"]
+    return handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every command."""
     parser = argparse.ArgumentParser(
@@ -290,154 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zkdingsync {__version__}")
     _common_options(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, handler: Handler, summary: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=description)
+    for spec in _COMMANDS:
+        sub = commands.add_parser(spec.name, help=spec.summary, description=spec.description)
         _common_options(sub, top_level=False)
-        sub.set_defaults(handler=handler)
-        return sub
-
-    command(
-        "run",
-        cmd_run,
-        "run the daemon in the foreground",
-        "Poll every terminal, store every punch, deliver to DingTalk; until SIGTERM or SIGINT (exit 0).",
-    )
-    command(
-        "validate",
-        cmd_validate,
-        "check the configuration",
-        "Check the configuration file. Exit 0 and print a summary when valid; otherwise print every "
-        "problem with its line and key on stderr and exit 78.",
-    )
-    reload = command(
-        "reload",
-        cmd_reload,
-        "make the running daemon re-read its configuration",
-        "Send SIGHUP to the daemon and wait for its answer: exit 0 when the new configuration is applied, "
-        "78 with its problems when the daemon rejected it and kept the previous one. The unit's ExecReload= "
-        "runs it, so that `systemctl reload zkdingsync` reports a broken file.",
-    )
-    reload.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
-    reload.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="how long to wait for the answer (default 60)",
-    )
-    status = command(
-        "status",
-        cmd_status,
-        "show terminals and delivery states",
-        "Show each terminal and how many punches are in each delivery state, read from the store "
-        "(works while the daemon runs).",
-    )
-    status.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    probe = command(
-        "probe",
-        cmd_probe,
-        "connect to terminals and report what they say",
-        "Connect to terminals and report serial number, firmware, clock drift, record count and capacity.",
-    )
-    probe.add_argument("names", nargs="*", metavar="NAME", help="configured terminal names (default: all)")
-    probe.add_argument(
-        "--users",
-        action="store_true",
-        help="also list each terminal's enrolled users and the DingTalk userid users.map gives them",
-    )
-    probe.add_argument(
-        "--budget",
-        action="store_true",
-        help="punches per day per terminal over the last 30 days (from the store, else from the terminals), "
-        "the monthly DingTalk calls that implies and the edition that covers it",
-    )
-    retry = command(
-        "retry",
-        cmd_retry,
-        "put parked punches back in the delivery queue",
-        "Put parked punches back in the delivery queue (after fixing a user mapping, say). Works whether "
-        "or not the daemon is running.",
-    )
-    retry.add_argument("--reason", metavar="TEXT", help="only punches parked for a reason containing TEXT")
-    retry.add_argument("--device", metavar="NAME", help="only punches from this terminal")
-    retry.add_argument(
-        "--quarantined",
-        action="store_true",
-        help="also re-queue quarantined punches (suspect times) that have a valid time",
-    )
-    export = command(
-        "export",
-        cmd_export,
-        "write the stored punches of some days as CSV or XLSX",
-        "Write every stored punch from --from to --to (terminal-local days, both included), whatever its "
-        "delivery state, with when it was stored and delivered and DingTalk's request or record id. "
-        "CSV (UTF-8 with BOM) goes to stdout unless -o names a file. Works while the daemon runs.",
-    )
-    export.add_argument(
-        "--from", dest="first_day", required=True, metavar="DATE", help="first day, YYYY-MM-DD"
-    )
-    export.add_argument("--to", dest="last_day", required=True, metavar="DATE", help="last day, YYYY-MM-DD")
-    export.add_argument(
-        "--device", action="append", metavar="NAME", help="only this terminal (repeat for more)"
-    )
-    export.add_argument(
-        "--enroll", action="append", metavar="NUMBER", help="only this enroll number (repeat for more)"
-    )
-    export.add_argument(
-        "--format", choices=("csv", "xlsx"), help="csv or xlsx (default: from -o's suffix, else csv)"
-    )
-    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
-    backup = command(
-        "backup",
-        cmd_backup,
-        "make a consistent copy of the store",
-        "Copy the store through SQLite's backup API (also while the daemon runs), check the copy with "
-        "integrity_check and print its size and punch counts. DEST is a file, or a directory where the "
-        "copy is named by the date.",
-    )
-    backup.add_argument("dest", metavar="DEST", help="the copy's file name, or a directory")
-    backup.add_argument(
-        "--keep",
-        type=int,
-        metavar="N",
-        help="with a directory: keep only the newest N dated copies there",
-    )
-    backfill = command(
-        "backfill",
-        cmd_backfill,
-        "queue history punches of a window of days",
-        "Queue never-delivered history punches (recorded before a terminal was first polled, or before "
-        "delivery.since) of a window of days, read in each terminal's zone. Prints the uploads that costs "
-        "and the DingTalk calls left this month; refuses (exit 1) beyond the calls left unless --yes. "
-        "Works whether or not the daemon is running.",
-    )
-    backfill.add_argument("--since", type=_day, required=True, metavar="DATE", help="first day, YYYY-MM-DD")
-    backfill.add_argument("--until", type=_day, metavar="DATE", help="last day, YYYY-MM-DD (default: no end)")
-    backfill.add_argument(
-        "--device", action="append", metavar="NAME", help="only this terminal (repeat for more)"
-    )
-    backfill.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
-    backfill.add_argument("--yes", action="store_true", help="queue even beyond the calls left this month")
-    simulate = command(
-        "simulate",
-        cmd_simulate,
-        "run fake terminals on 127.0.0.1",
-        "Run fake terminals on 127.0.0.1 until interrupted; terminal i listens on BASE_PORT+i (TCP and UDP).",
-    )
-    add_simulate_arguments(simulate)
-    demo = command(
-        "demo",
-        cmd_demo,
-        "run everything on this machine and show the result",
-        "Start simulated terminals, a local fake DingTalk and the daemon; after a while print the status.",
-    )
-    demo.add_argument(
-        "--seconds",
-        type=_positive_float,
-        default=20.0,
-        help="how long to run before the final status (default 20)",
-    )
+        sub.set_defaults(handler=_handler(spec.name))
+        spec.add_arguments(sub)
     return parser
 
 
