@@ -184,8 +184,22 @@ def _collect(
     terminals = tuple(
         _terminal(name, known.get(name), store.punches_since(today, device=name), secrets) for name in names
     )
+    return StatusReport(
+        generated_at=now,
+        timezone=str(local_tz),
+        store_path=str(store.path),
+        terminals=terminals,
+        delivery=_delivery(store, today, secrets),
+        dingtalk=_dingtalk(store, now, local_tz, month_quota, secrets),
+        drift_threshold_seconds=drift_threshold_seconds,
+        pending_age_threshold=pending_age_threshold,
+        stale_after=stale_after,
+    )
+
+
+def _delivery(store: Store, today: datetime, secrets: Collection[str]) -> DeliveryStatus:
     counts = store.delivery_counts()
-    delivery = DeliveryStatus(
+    return DeliveryStatus(
         pending=counts[Delivery.PENDING],
         in_flight=counts[Delivery.IN_FLIGHT],
         delivered_today=store.delivered_since(today),
@@ -198,6 +212,11 @@ def _collect(
         outcome_unknown=store.outcome_unknown_count(),
         history=counts[Delivery.HISTORY],
     )
+
+
+def _dingtalk(
+    store: Store, now: datetime, local_tz: tzinfo, month_quota: int, secrets: Collection[str]
+) -> DingTalkStatus:
     health = store.dingtalk_health()
     month = call_month(now, local_tz)
     used = store.calls_in_month(month)
@@ -212,24 +231,13 @@ def _collect(
         quota=month_quota,
         counting_since=store.first_counted_day(),
     )
-    dingtalk = DingTalkStatus(
+    return DingTalkStatus(
         health=None if health is None else _scrub(health.text(), secrets),
         health_at=None if health is None else health.at,
         month=month,
         calls_this_month=used,
         monthly_call_quota=month_quota,
         forecast=forecast,
-    )
-    return StatusReport(
-        generated_at=now,
-        timezone=str(local_tz),
-        store_path=str(store.path),
-        terminals=terminals,
-        delivery=delivery,
-        dingtalk=dingtalk,
-        drift_threshold_seconds=drift_threshold_seconds,
-        pending_age_threshold=pending_age_threshold,
-        stale_after=stale_after,
     )
 
 
@@ -285,39 +293,51 @@ def _scrub(text: str, secrets: Collection[str]) -> str:
 
 def needs_attention(report: StatusReport) -> list[str]:
     """Given a report, return one line per thing a human should look at (empty when all is well)."""
+    lines: list[str] = []
+    for terminal in report.terminals:
+        lines += _terminal_attention(terminal, report)
+    return lines + _delivery_attention(report) + _dingtalk_attention(report)
+
+
+def _terminal_attention(terminal: TerminalStatus, report: StatusReport) -> list[str]:
     now = report.generated_at
     zone = _zone(report)
     lines: list[str] = []
-    for terminal in report.terminals:
-        if terminal.state == STATE_DOWN:
-            since = _local(terminal.down_since, zone) if terminal.down_since else "?"
-            why = f": {terminal.last_error}" if terminal.last_error else ""
-            lines.append(f"terminal {terminal.name} is down since {since}{why}")
-        if (
-            report.stale_after is not None
-            and terminal.last_poll is not None
-            and now - terminal.last_poll > report.stale_after
-        ):
-            lines.append(
-                f"terminal {terminal.name} was last polled {_age(now - terminal.last_poll)} ago "
-                "(is the daemon running?)"
-            )
-        fraction = terminal.fraction_full
-        if fraction is not None and fraction > FULL_WARNING_FRACTION:
-            lines.append(
-                f"terminal {terminal.name} is {fraction:.0%} full ({terminal.records} of "
-                f"{terminal.record_capacity} records)"
-            )
-        threshold = report.drift_threshold_seconds
-        if (
-            threshold is not None
-            and terminal.drift_seconds is not None
-            and abs(terminal.drift_seconds) > threshold
-        ):
-            lines.append(
-                f"terminal {terminal.name} clock is off by {terminal.drift_seconds:+.0f} s "
-                f"(threshold {threshold:.0f} s)"
-            )
+    if terminal.state == STATE_DOWN:
+        since = _local(terminal.down_since, zone) if terminal.down_since else "?"
+        why = f": {terminal.last_error}" if terminal.last_error else ""
+        lines.append(f"terminal {terminal.name} is down since {since}{why}")
+    if (
+        report.stale_after is not None
+        and terminal.last_poll is not None
+        and now - terminal.last_poll > report.stale_after
+    ):
+        lines.append(
+            f"terminal {terminal.name} was last polled {_age(now - terminal.last_poll)} ago "
+            "(is the daemon running?)"
+        )
+    fraction = terminal.fraction_full
+    if fraction is not None and fraction > FULL_WARNING_FRACTION:
+        lines.append(
+            f"terminal {terminal.name} is {fraction:.0%} full ({terminal.records} of "
+            f"{terminal.record_capacity} records)"
+        )
+    threshold = report.drift_threshold_seconds
+    if (
+        threshold is not None
+        and terminal.drift_seconds is not None
+        and abs(terminal.drift_seconds) > threshold
+    ):
+        lines.append(
+            f"terminal {terminal.name} clock is off by {terminal.drift_seconds:+.0f} s "
+            f"(threshold {threshold:.0f} s)"
+        )
+    return lines
+
+
+def _delivery_attention(report: StatusReport) -> list[str]:
+    now = report.generated_at
+    lines: list[str] = []
     delivery = report.delivery
     if delivery.parked:
         top = f" (most: {delivery.parked_reasons[0].reason})" if delivery.parked_reasons else ""
@@ -331,6 +351,11 @@ def needs_attention(report: StatusReport) -> list[str]:
     oldest = delivery.oldest_pending_stored_at
     if delivery.pending and oldest is not None and now - oldest > report.pending_age_threshold:
         lines.append(f"oldest pending punch has waited {_age(now - oldest)} for delivery")
+    return lines
+
+
+def _dingtalk_attention(report: StatusReport) -> list[str]:
+    lines: list[str] = []
     health = report.dingtalk.health
     if health is not None and health.startswith(HEALTH_PAUSED_PREFIX):
         lines.append(f"DingTalk delivery is paused: {health[len(HEALTH_PAUSED_PREFIX) :].strip()}")
@@ -360,75 +385,96 @@ def _es(count: int) -> str:
 def render_json(report: StatusReport) -> str:
     """Given a report, return it as one JSON document (times ISO-8601 in the configured zone)."""
     zone = _zone(report)
-    delivery = report.delivery
-    quota = report.dingtalk.monthly_call_quota
-    forecast = report.dingtalk.forecast
+    attention = needs_attention(report)
     document: dict[str, Any] = {
         "generated_at": _iso(report.generated_at, zone),
         "timezone": report.timezone,
         "store": report.store_path,
-        "ok": not needs_attention(report),
-        "needs_attention": needs_attention(report),
-        "terminals": [
-            {
-                "name": t.name,
-                "state": t.state,
-                "reachable": t.state == STATE_OK,
-                "serial": t.serial,
-                "firmware": t.firmware,
-                "last_poll": _iso(t.last_poll, zone),
-                "last_success": _iso(t.last_success, zone),
-                "last_error": t.last_error,
-                "down_since": _iso(t.down_since, zone),
-                "records": t.records,
-                "record_capacity": t.record_capacity,
-                "percent_full": None if t.fraction_full is None else round(t.fraction_full * 100, 1),
-                "drift_seconds": t.drift_seconds,
-                "new_today": t.new_today,
-            }
-            for t in report.terminals
-        ],
-        "delivery": {
-            "pending": delivery.pending,
-            "in_flight": delivery.in_flight,
-            "delivered_today": delivery.delivered_today,
-            "delivered_total": delivery.delivered_total,
-            "parked": delivery.parked,
-            "parked_reasons": [{"reason": r.reason, "count": r.count} for r in delivery.parked_reasons],
-            "quarantined": delivery.quarantined,
-            "quarantined_reasons": [
-                {"reason": r.reason, "count": r.count} for r in delivery.quarantined_reasons
-            ],
-            "oldest_pending_stored_at": _iso(delivery.oldest_pending_stored_at, zone),
-            "outcome_unknown": delivery.outcome_unknown,
-            "history": delivery.history,
-        },
-        "dingtalk": {
-            "health": report.dingtalk.health,
-            "health_at": _iso(report.dingtalk.health_at, zone),
-            "month": report.dingtalk.month,
-            "calls_this_month": report.dingtalk.calls_this_month,
-            "monthly_call_quota": quota,
-            "quota_used_percent": round(100 * report.dingtalk.calls_this_month / quota, 1) if quota else None,
-            "calls_per_day": round(forecast.per_day, 1) if forecast else None,
-            "forecast_calls_this_month": forecast.forecast if forecast else None,
-            "quota_exhausted_on": (
-                forecast.exhausted_on.isoformat() if forecast and forecast.exhausted_on else None
-            ),
-        },
+        "ok": not attention,
+        "needs_attention": attention,
+        "terminals": [_terminal_json(terminal, zone) for terminal in report.terminals],
+        "delivery": _delivery_json(report.delivery, zone),
+        "dingtalk": _dingtalk_json(report.dingtalk, zone),
     }
     return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+def _terminal_json(t: TerminalStatus, zone: tzinfo) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "state": t.state,
+        "reachable": t.state == STATE_OK,
+        "serial": t.serial,
+        "firmware": t.firmware,
+        "last_poll": _iso(t.last_poll, zone),
+        "last_success": _iso(t.last_success, zone),
+        "last_error": t.last_error,
+        "down_since": _iso(t.down_since, zone),
+        "records": t.records,
+        "record_capacity": t.record_capacity,
+        "percent_full": None if t.fraction_full is None else round(t.fraction_full * 100, 1),
+        "drift_seconds": t.drift_seconds,
+        "new_today": t.new_today,
+    }
+
+
+def _delivery_json(delivery: DeliveryStatus, zone: tzinfo) -> dict[str, Any]:
+    return {
+        "pending": delivery.pending,
+        "in_flight": delivery.in_flight,
+        "delivered_today": delivery.delivered_today,
+        "delivered_total": delivery.delivered_total,
+        "parked": delivery.parked,
+        "parked_reasons": [{"reason": r.reason, "count": r.count} for r in delivery.parked_reasons],
+        "quarantined": delivery.quarantined,
+        "quarantined_reasons": [{"reason": r.reason, "count": r.count} for r in delivery.quarantined_reasons],
+        "oldest_pending_stored_at": _iso(delivery.oldest_pending_stored_at, zone),
+        "outcome_unknown": delivery.outcome_unknown,
+        "history": delivery.history,
+    }
+
+
+def _dingtalk_json(dingtalk: DingTalkStatus, zone: tzinfo) -> dict[str, Any]:
+    quota = dingtalk.monthly_call_quota
+    forecast = dingtalk.forecast
+    return {
+        "health": dingtalk.health,
+        "health_at": _iso(dingtalk.health_at, zone),
+        "month": dingtalk.month,
+        "calls_this_month": dingtalk.calls_this_month,
+        "monthly_call_quota": quota,
+        "quota_used_percent": round(100 * dingtalk.calls_this_month / quota, 1) if quota else None,
+        "calls_per_day": round(forecast.per_day, 1) if forecast else None,
+        "forecast_calls_this_month": forecast.forecast if forecast else None,
+        "quota_exhausted_on": (
+            forecast.exhausted_on.isoformat() if forecast and forecast.exhausted_on else None
+        ),
+    }
 
 
 def render_text(report: StatusReport) -> str:
     """Given a report, return it as a readable table for a terminal."""
     zone = _zone(report)
-    now = report.generated_at
     lines = [
-        f"zkdingsync status at {_local(now, zone)} ({report.timezone}), store {report.store_path}",
+        f"zkdingsync status at {_local(report.generated_at, zone)} ({report.timezone}), "
+        f"store {report.store_path}",
         "",
-        "Terminals",
+        *_terminals_text(report, zone),
+        "",
+        *_delivery_text(report),
+        "",
+        *_dingtalk_text(report.dingtalk, zone),
+        "",
+        *_attention_text(report),
     ]
+    # Terminals supply serials, errors and enroll numbers (in park reasons): escaped, line by line.
+    return "\n".join(printable(line) for line in lines) + "\n"
+
+
+def _terminals_text(report: StatusReport, zone: tzinfo) -> list[str]:
+    now = report.generated_at
+    if not report.terminals:
+        return ["Terminals", "  (no terminals)"]
     rows = [["NAME", "STATE", "LAST SUCCESS", "RECORDS", "DRIFT", "NEW TODAY", "LAST ERROR"]]
     for t in report.terminals:
         rows.append(
@@ -442,16 +488,16 @@ def render_text(report: StatusReport) -> str:
                 _shorten(t.last_error or "-", _ERROR_WIDTH),
             ]
         )
-    if not report.terminals:
-        lines.append("  (no terminals)")
-    else:
-        lines.extend("  " + line for line in _table(rows))
+    return ["Terminals", *("  " + line for line in _table(rows))]
 
+
+def _delivery_text(report: StatusReport) -> list[str]:
     delivery = report.delivery
     oldest = delivery.oldest_pending_stored_at
-    pending_note = f" (oldest stored {_age(now - oldest)} ago)" if delivery.pending and oldest else ""
-    lines += [
-        "",
+    pending_note = (
+        f" (oldest stored {_age(report.generated_at - oldest)} ago)" if delivery.pending and oldest else ""
+    )
+    lines = [
         "Delivery",
         f"  pending          {delivery.pending}{pending_note}",
         f"  in flight        {delivery.in_flight}",
@@ -470,14 +516,15 @@ def render_text(report: StatusReport) -> str:
         lines.append(
             f"  unknown outcome  {delivery.outcome_unknown} (an upload's answer was lost; read back)"
         )
+    return lines
 
-    dingtalk = report.dingtalk
+
+def _dingtalk_text(dingtalk: DingTalkStatus, zone: tzinfo) -> list[str]:
     health = dingtalk.health or "unknown (nothing delivered yet)"
     health_at = f" (at {_local(dingtalk.health_at, zone)})" if dingtalk.health_at else ""
     quota = dingtalk.monthly_call_quota
     share = f" ({dingtalk.calls_this_month / quota:.0%})" if quota else ""
-    lines += [
-        "",
+    lines = [
         "DingTalk",
         f"  health           {health}{health_at}",
         f"  calls {dingtalk.month}    {dingtalk.calls_this_month} of {quota}{share}",
@@ -488,15 +535,14 @@ def render_text(report: StatusReport) -> str:
         lines.append(
             f"  forecast         {forecast.forecast} this month at {forecast.per_day:.0f} a day{runs_out}"
         )
-    lines.append("")
+    return lines
+
+
+def _attention_text(report: StatusReport) -> list[str]:
     attention = needs_attention(report)
-    if attention:
-        lines.append("Needs attention")
-        lines.extend(f"  - {line}" for line in attention)
-    else:
-        lines.append("Nothing needs attention.")
-    # Terminals supply serials, errors and enroll numbers (in park reasons): escaped, line by line.
-    return "\n".join(printable(line) for line in lines) + "\n"
+    if not attention:
+        return ["Nothing needs attention."]
+    return ["Needs attention", *(f"  - {line}" for line in attention)]
 
 
 def _terminal_state(terminal: TerminalStatus, zone: tzinfo) -> str:
