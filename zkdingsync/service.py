@@ -87,6 +87,44 @@ class _Summary:
     stored_before: int
 
 
+def _open_store(config: Config, clock: Callable[[], datetime]) -> Store:
+    """Open the store with the instance lock, and adopt a backup restored in its place."""
+    try:
+        store = Store.open(config.store.path, lock=True)
+        restored = store.adopt_restored_backup(clock())
+    except StoreLockedError:
+        raise
+    except StoreError as error:
+        # At start-up a store that cannot be opened is the admin's to fix (permissions, disk, path).
+        raise UserError(f"cannot open the store: {error}") from error
+    if restored is not None:
+        log.warning(
+            "store.restored_from_backup",
+            taken_at=restored[0].isoformat(),
+            pending_read_back=restored[1],
+            note="pending punches are looked up in DingTalk before anything is sent again",
+        )
+    return store
+
+
+def _notifier(config: Config, client: DingTalkClient) -> RobotNotifier | None:
+    """The robot's notifier, started, when a robot is configured."""
+    robot = config.dingtalk.robot
+    if not robot:
+        return None
+    return RobotNotifier(
+        client, robot.access_token, robot.secret, min_interval_seconds=robot.min_interval_seconds
+    ).start()
+
+
+def _watch(config: Config) -> Watch | None:
+    """What the robot alerts on (terminal down, clock drift), when a robot is configured."""
+    robot = config.dingtalk.robot
+    if not robot:
+        return None
+    return Watch(timedelta(minutes=robot.terminal_down_minutes), config.poll.drift_threshold_seconds)
+
+
 class Daemon:
     """The running service: one store, one poller, one forwarder, the main loop."""
 
@@ -101,21 +139,7 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock
         self.signals = _Signals()
-        try:
-            self.store = Store.open(config.store.path, lock=True)
-            restored = self.store.adopt_restored_backup(clock())
-        except StoreLockedError:
-            raise
-        except StoreError as error:
-            # At start-up a store that cannot be opened is the admin's to fix (permissions, disk, path).
-            raise UserError(f"cannot open the store: {error}") from error
-        if restored is not None:
-            log.warning(
-                "store.restored_from_backup",
-                taken_at=restored[0].isoformat(),
-                pending_read_back=restored[1],
-                note="pending punches are looked up in DingTalk before anything is sent again",
-            )
+        self.store = _open_store(config, clock)
         self.client = DingTalkClient.from_settings(
             config.dingtalk, store=self.store, org_timezone=config.timezone
         )
@@ -125,43 +149,10 @@ class Daemon:
             source=self.client,
             cache=self.store,
         )
-        robot = config.dingtalk.robot
-        self.notifier = (
-            RobotNotifier(
-                self.client, robot.access_token, robot.secret, min_interval_seconds=robot.min_interval_seconds
-            ).start()
-            if robot
-            else None
-        )
-        self.watch = (
-            Watch(timedelta(minutes=robot.terminal_down_minutes), config.poll.drift_threshold_seconds)
-            if robot
-            else None
-        )
-        self.daily_report = (
-            DailyReport(
-                self.store,
-                self.notifier.notify,
-                at=robot.daily_report_at,
-                zone=ZoneInfo(config.timezone),
-                terminals=lambda: [device.name for device in self.config.devices],
-                quota=config.dingtalk.monthly_call_quota,
-                clock=self.clock,
-            )
-            if robot and robot.daily_report_at and self.notifier
-            else None
-        )
-        self.forwarder = Forwarder(
-            self.store,
-            self.client,
-            self.mapper,
-            rate_per_second=config.dingtalk.rate_per_second,
-            concurrency=config.dingtalk.concurrency,
-            monthly_call_quota=config.dingtalk.monthly_call_quota,
-            settle_delay_seconds=config.dingtalk.readback_delay_seconds,
-            stop_event=self.signals.stop,
-            alert=self.notifier.notify if self.notifier else None,
-        )
+        self.notifier = _notifier(config, self.client)
+        self.watch = _watch(config)
+        self.daily_report = self._daily_report()
+        self.forwarder = self._forwarder()
         self.poller = Poller.from_config(
             config,
             store=self.store,
@@ -169,15 +160,43 @@ class Daemon:
             history=HistoryPolicy(config.delivery.since),
         )
         self.status_line = StatusLine(
-            self.store,
-            self.forwarder,
-            lambda: [device.name for device in self.config.devices],
-            clock=clock,
-            every_seconds=STATUS_EVERY_SECONDS,
+            self.store, self.forwarder, self._terminal_names, clock=clock, every_seconds=STATUS_EVERY_SECONDS
         )
         self._threads: list[threading.Thread] = []
         self.crashed = False  # a worker thread died of a bug: exit 1 so that systemd restarts us
         self.abandoned = False  # a thread was still busy at the stop deadline
+
+    def _terminal_names(self) -> list[str]:
+        # Read at each call: a reload may change the configured terminals.
+        return [device.name for device in self.config.devices]
+
+    def _daily_report(self) -> DailyReport | None:
+        robot = self.config.dingtalk.robot
+        if not (robot and robot.daily_report_at and self.notifier):
+            return None
+        return DailyReport(
+            self.store,
+            self.notifier.notify,
+            at=robot.daily_report_at,
+            zone=ZoneInfo(self.config.timezone),
+            terminals=self._terminal_names,
+            quota=self.config.dingtalk.monthly_call_quota,
+            clock=self.clock,
+        )
+
+    def _forwarder(self) -> Forwarder:
+        dingtalk = self.config.dingtalk
+        return Forwarder(
+            self.store,
+            self.client,
+            self.mapper,
+            rate_per_second=dingtalk.rate_per_second,
+            concurrency=dingtalk.concurrency,
+            monthly_call_quota=dingtalk.monthly_call_quota,
+            settle_delay_seconds=dingtalk.readback_delay_seconds,
+            stop_event=self.signals.stop,
+            alert=self.notifier.notify if self.notifier else None,
+        )
 
     def _start(self, name: str, worker: _Worker) -> None:
         def target() -> None:
