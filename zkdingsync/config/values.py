@@ -74,21 +74,29 @@ class Values:
                 return self._wrong(key, value, line, path)
             return value
         if kind in {"integer", "number"}:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return self._wrong(key, value, line, path)
-            if kind == "integer" and not isinstance(value, int):
-                if not (math.isfinite(value) and value.is_integer()):
-                    return self._wrong(key, value, line, path)
-                value = int(value)
-            if not math.isfinite(value):
-                self.problems.add(line, path, f"must be a finite number, got {value}")
-                return INVALID
-            if not self._in_range(key, value, line, path):
-                return INVALID
-            return float(value) if kind == "number" else value
+            return self._number(key, value, line, path)
         if kind == "date":
             return self._date(value, line, path)
-        # Every other kind is text.
+        return self._text(key, value, line, path)
+
+    def _number(self, key: Key, value: Any, line: int, path: str) -> Any:
+        kind = key.kind
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return self._wrong(key, value, line, path)
+        if kind == "integer" and not isinstance(value, int):
+            if not (math.isfinite(value) and value.is_integer()):
+                return self._wrong(key, value, line, path)
+            value = int(value)
+        if not math.isfinite(value):
+            self.problems.add(line, path, f"must be a finite number, got {value}")
+            return INVALID
+        if not self._in_range(key, value, line, path):
+            return INVALID
+        return float(value) if kind == "number" else value
+
+    def _text(self, key: Key, value: Any, line: int, path: str) -> Any:
+        # Every kind but boolean, integer, number and date is text.
+        kind = key.kind
         if kind == "time_of_day" and isinstance(value, int) and not isinstance(value, bool):
             self.problems.add(
                 line, path, f'must be quoted, like "08:30" (YAML reads 8:30 as the number {value})'
