@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -49,20 +49,7 @@ def run_demo(*, seconds: float, log_format: str | None = None, out: TextIO | Non
         Simulator() as simulator,
         FakeDingTalk(users=mapped.values(), app_key=APP_KEY, app_secret=APP_SECRET) as dingtalk,
     ):
-        terminals: list[tuple[str, FakeTerminal]] = []
-        for index, (name, record_size, table_size) in enumerate(TERMINALS):
-            terminal = simulator.add_terminal(
-                TerminalSpec(
-                    serial=f"DEMO{index + 1:06d}",
-                    name=name,
-                    record_size=record_size,
-                    user_table_size=table_size,
-                    users=EMPLOYEES,
-                    records=HISTORY,
-                    first_punch=history_start(HISTORY),
-                )
-            )
-            terminals.append((name, terminal))
+        terminals = _add_terminals(simulator)
         config_path = Path(directory) / "config.yaml"
         config_path.write_text(
             _config_yaml(Path(directory), dingtalk.url, mapped, terminals), encoding="utf-8"
@@ -78,30 +65,63 @@ def run_demo(*, seconds: float, log_format: str | None = None, out: TextIO | Non
         command = [sys.executable, "-m", "zkdingsync", "run", "-c", str(config_path)]
         if log_format:
             command += ["--log-format", log_format]
-        daemon = subprocess.Popen(command)  # noqa: S603 - our own interpreter and module, fixed arguments
-        try:
-            with _interruptible() as interrupted:
-                interrupted.wait(seconds)
-                for _, terminal in terminals:
-                    terminal.stop_punching()
-                # Let the last punches through before stopping, so the table below adds up.
-                deadline = time.monotonic() + DRAIN_SECONDS
-                while not interrupted.is_set() and time.monotonic() < deadline:
-                    if len(dingtalk.uploads) >= _mapped_punches(terminals, mapped):
-                        break
-                    interrupted.wait(0.2)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                code = daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                code = daemon.wait()
+
+        def drained() -> bool:
+            return len(dingtalk.uploads) >= _mapped_punches(terminals, mapped)
+
+        code = _run_daemon(command, seconds, drained, terminals)
         _say(out, f"\ndemo: daemon stopped with exit code {code}\n")
         config = load_config(config_path)
         status_command(config, as_json=False, out=out)
         _print_received(dingtalk, terminals, out)
     return 0
+
+
+def _add_terminals(simulator: Simulator) -> list[tuple[str, FakeTerminal]]:
+    terminals: list[tuple[str, FakeTerminal]] = []
+    for index, (name, record_size, table_size) in enumerate(TERMINALS):
+        terminal = simulator.add_terminal(
+            TerminalSpec(
+                serial=f"DEMO{index + 1:06d}",
+                name=name,
+                record_size=record_size,
+                user_table_size=table_size,
+                users=EMPLOYEES,
+                records=HISTORY,
+                first_punch=history_start(HISTORY),
+            )
+        )
+        terminals.append((name, terminal))
+    return terminals
+
+
+def _run_daemon(
+    command: list[str],
+    seconds: float,
+    drained: Callable[[], bool],
+    terminals: list[tuple[str, FakeTerminal]],
+) -> int:
+    """Run the daemon for `seconds`, then until `drained()` (at most DRAIN_SECONDS); return its exit code."""
+    daemon = subprocess.Popen(command)  # noqa: S603 - our own interpreter and module, fixed arguments
+    try:
+        with _interruptible() as interrupted:
+            interrupted.wait(seconds)
+            for _, terminal in terminals:
+                terminal.stop_punching()
+            # Let the last punches through before stopping, so the table below adds up.
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while not interrupted.is_set() and time.monotonic() < deadline:
+                if drained():
+                    break
+                interrupted.wait(0.2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            code = daemon.wait()
+    return code
 
 
 def _mapped_punches(terminals: list[tuple[str, FakeTerminal]], mapped: dict[str, str]) -> int:
