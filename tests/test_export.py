@@ -180,7 +180,7 @@ def test_xlsx_has_a_bilingual_frozen_header_widths_and_real_date_times(config: P
     assert header[2] == "enroll_number 工号"
     assert header[0] == "device 考勤机"
     assert sheet.freeze_panes == "A2"
-    assert sheet.column_dimensions["L"].width == 40  # reason
+    assert int(sheet.column_dimensions["L"].width) == 40  # reason: 40 characters, stored with their padding
     rows = [[cell.value for cell in row] for row in sheet.iter_rows(min_row=2)]
     assert len(rows) == 6
     first = dict(zip(header, rows[0], strict=True))

@@ -138,7 +138,8 @@ def _write(
     try:
         with written_whole(output) as temporary:
             if fmt == "xlsx":
-                return copy(XlsxRows(temporary))
+                with XlsxRows(temporary) as writer:
+                    return copy(writer)
             with temporary.open("w", encoding="utf-8-sig", newline="") as stream:
                 return copy(CsvRows(stream))
     except OSError as error:

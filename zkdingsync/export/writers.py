@@ -1,33 +1,37 @@
 """Writing export rows as CSV or XLSX, one row at a time, in bounded memory.
 
 CSV is UTF-8 with a byte-order mark (Excel then reads the Chinese correctly) and English headers.
-XLSX: openpyxl (write-only mode) writes the workbook and each sheet's frame, a bold header row in English
-and Chinese, frozen below the header, fixed column widths; the rows are streamed compressed into the
-file (`sheet_xml`), times as real Excel date-times. A sheet holds at most Excel's 1,048,576 rows; a longer
-export continues on the next sheet.
+XLSX: XlsxWriter (constant-memory mode) writes the whole file: a bold header row in English and Chinese,
+frozen below the header, fixed column widths, times as real Excel date-times. A sheet holds at most
+Excel's 1,048,576 rows; a longer export continues on the next sheet.
 """
 
 from __future__ import annotations
 
 import csv
-import zipfile
+import re
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import IO, Protocol, TextIO
+from types import TracebackType
+from typing import Protocol, TextIO
 
 from zkdingsync.export.columns import COLUMNS, Cell
-from zkdingsync.export.sheet_xml import SheetFrame, sheet_part
 
 FORMATS = ("csv", "xlsx")
 EXCEL_MAX_ROWS = 1_048_576
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+DATE_FORMAT = "yyyy-mm-dd hh:mm:ss"  # the same, as Excel's number format
 SHEET_TITLE = "punches"
-# A sheet's XML stays under 1.5 GiB (a zip entry past 2 GiB needs the Zip64 extension, which Excel answers
-# with a repair prompt); at about 1 KB a row, Excel's row limit comes first.
+# A sheet's XML stays under 1.5 GiB (a zip entry past 2 GiB would need the Zip64 extension, which
+# XlsxWriter refuses unless asked); counted as a row's markup plus its text at up to 3 bytes a character,
+# so at about 1 KB a row Excel's row limit comes first.
 _SHEET_BYTES = 1536 * 1024 * 1024
-_ROWS_PER_WRITE = 500
-_COMPRESS_LEVEL = 6
+_ROW_BYTES = 16 * 40
+# Characters XML 1.0 cannot carry at all (`printable` has escaped the control characters among them).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 # Column widths in characters, wide enough for the usual content (a time, "fingerprint 指纹", an id).
 _WIDTHS = {
@@ -80,57 +84,95 @@ class CsvRows:
 
 
 class XlsxRows:
-    """XLSX: openpyxl's workbook around rows streamed into the file's zip (`sheet_xml`); `close()`
-    finishes the file."""
+    """XLSX through XlsxWriter's constant-memory mode (each row goes to its sheet's scratch file as soon
+    as the next one starts); `close()` writes the workbook to its file. Used as a context manager, the
+    scratch files are removed however the block ends."""
 
     def __init__(self, path: Path) -> None:
         """Given the file to write, start its first sheet."""
-        self._frame = SheetFrame.build(
-            [f"{english} {chinese}" for english, chinese in COLUMNS],
-            [_WIDTHS.get(english, 16) for english, _ in COLUMNS],
+        from xlsxwriter import Workbook  # imported here: only XLSX exports pay for it
+
+        # The sheets' rows wait beside the file (owner-only, like it), not in a /tmp that may be memory.
+        self._scratch = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
+        self._book = Workbook(
+            str(path),
+            {
+                "constant_memory": True,
+                "tmpdir": self._scratch.name,
+                # Text is text: never a formula, a link or a number (`clean_text` guards Excel's own
+                # reading of a leading "=" too).
+                "strings_to_formulas": False,
+                "strings_to_urls": False,
+                "strings_to_numbers": False,
+            },
         )
-        self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL)
-        self._titles: list[str] = []
-        self._sheet: IO[bytes] | None = None
-        self._rows: list[str] = []
+        self._bold = self._book.add_format({"bold": True})
+        self._time = self._book.add_format({"num_format": DATE_FORMAT})  # shared by every date-time cell
+        self._header = [f"{english} {chinese}" for english, chinese in COLUMNS]
+        self._sheets = 0
         self._rows_in_sheet = 0
         self._bytes_in_sheet = 0
         self._new_sheet()
 
     def _new_sheet(self) -> None:
-        self._end_sheet()
-        self._titles.append(SHEET_TITLE if not self._titles else f"{SHEET_TITLE} {len(self._titles) + 1}")
-        self._sheet = self._zip.open(sheet_part(len(self._titles)), "w")
-        self._sheet.write(self._frame.prefix)
-        self._rows_in_sheet = 1  # the header
-        self._bytes_in_sheet = 0  # of rows
-
-    def _flush(self) -> None:
-        if self._rows and self._sheet is not None:
-            data = "".join(self._rows).encode()
-            self._sheet.write(data)
-            self._bytes_in_sheet += len(data)
-            self._rows.clear()
-
-    def _end_sheet(self) -> None:
-        if self._sheet is not None:
-            self._flush()
-            self._sheet.write(self._frame.suffix)
-            self._sheet.close()
-            self._sheet = None
+        self._sheets += 1
+        title = SHEET_TITLE if self._sheets == 1 else f"{SHEET_TITLE} {self._sheets}"
+        self._sheet = self._book.add_worksheet(title)
+        self._sheet.freeze_panes(1, 0)
+        for index, (english, _) in enumerate(COLUMNS):
+            self._sheet.set_column(index, index, _WIDTHS.get(english, 16))
+        self._sheet.write_row(0, 0, self._header, self._bold)
+        self._rows_in_sheet = 1
+        self._bytes_in_sheet = 0
 
     def write(self, row: Sequence[Cell]) -> None:
         """Append one row (a full sheet continues on a new one, under the same header)."""
         if self._rows_in_sheet >= EXCEL_MAX_ROWS or self._bytes_in_sheet >= _SHEET_BYTES:
             self._new_sheet()
+        sheet, number, size = self._sheet, self._rows_in_sheet, _ROW_BYTES
+        # One typed call a cell (an empty one is left out): XlsxWriter's own dispatch by type costs more.
+        for column, value in enumerate(row):
+            if value is None:
+                continue
+            if isinstance(value, str):
+                text = cell_text(value)
+                size += 3 * len(text)
+                sheet.write_string(number, column, text)
+            elif isinstance(value, datetime):
+                sheet.write_datetime(number, column, value, self._time)
+            else:
+                sheet.write_number(number, column, value)
+        self._bytes_in_sheet += size
         self._rows_in_sheet += 1
-        self._rows.append(self._frame.row(self._rows_in_sheet, row))
-        if len(self._rows) >= _ROWS_PER_WRITE:
-            self._flush()
 
     def close(self) -> None:
-        """Finish the last sheet and write the workbook's other parts."""
-        self._end_sheet()
-        for name, data in self._frame.package(self._titles).items():
-            self._zip.writestr(name, data)
-        self._zip.close()
+        """Write the workbook to its file, then remove the scratch files."""
+        try:
+            self._book.close()
+        finally:
+            self._scratch.cleanup()
+
+    def __enter__(self) -> XlsxRows:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._scratch.cleanup()
+
+
+@lru_cache(maxsize=8192)  # the words, terminals, zones and enroll numbers repeat row after row
+def cell_text(text: str) -> str:
+    """Given a cell's text, return what to hand XlsxWriter so the cell reads back as that text: a character
+    XML cannot carry at all escaped as `printable` escapes (`\\ufffe`), and the "<" of a text shaped like
+    XlsxWriter's rich-string markup ("<r>...</r>", which it would write as XML) escaped the same way."""
+    if _NOT_XML.search(text):
+        text = _NOT_XML.sub(_escape, text)
+    if text.startswith("<r>") and text.endswith("</r>"):
+        text = "\\x3c" + text[1:]
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
