@@ -137,10 +137,13 @@ def device(name: str, port: int) -> DeviceConfig:
 
 def bench_no_change(port: int) -> dict[str, float]:
     big = device("big", port)
-    full_seconds, read = timed(lambda: adapter.read_log(big, 10, known_serial=None, known_count=None), 3)
+    full_seconds, read = timed(lambda: adapter.read_log(big, 10, known=adapter.KnownLog.NOTHING), 3)
     state = read.state
     idle_seconds, idle = timed(
-        lambda: adapter.read_log(big, 10, known_serial=state.serial, known_count=state.record_count), 50
+        lambda: adapter.read_log(
+            big, 10, known=adapter.KnownLog(serial=state.serial, count=state.record_count)
+        ),
+        50,
     )
     assert not idle.downloaded and read.downloaded and len(read.records) == state.record_count
     return {
@@ -175,7 +178,7 @@ def bench_parser(port: int) -> dict[str, float]:
     ours_seconds, (_, records) = timed(lambda: parse_attendance_buffer(buffer, count), 5)
     pyzk_seconds, pyzk_count = timed(get_attendance, 1)
     ours_end_to_end, read = timed(
-        lambda: adapter.read_log(device("big", port), 30, known_serial=None, known_count=None), 3
+        lambda: adapter.read_log(device("big", port), 30, known=adapter.KnownLog.NOTHING), 3
     )
     assert len(records) == pyzk_count == count == len(read.records)
     pyzk_parse = max(pyzk_seconds - download_seconds, 1e-9)

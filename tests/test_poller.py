@@ -16,7 +16,7 @@ from fixtures_simulator import wait_for
 
 from zkdingsync.config.objects import DeviceConfig, PollConfig
 from zkdingsync.devices.records import encode_records
-from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, TerminalState
+from zkdingsync.devices.zk import DeviceLike, KnownLog, LogDigest, LogRead, TerminalState
 from zkdingsync.errors import StoreError, TerminalError
 from zkdingsync.model import AttendanceRecord, Delivery
 from zkdingsync.poller import Poller
@@ -87,7 +87,8 @@ class FakeReader:
             clock=read_at + timedelta(seconds=terminal.clock_offset_seconds),
             read_at=read_at,
         )
-        if kwargs["known_serial"] == terminal.serial and kwargs["known_count"] == len(terminal.records):
+        known: KnownLog = kwargs["known"]
+        if known.serial == terminal.serial and known.count == len(terminal.records):
             return LogRead(state=state, downloaded=False)
         self.downloads[device.name] = self.downloads.get(device.name, 0) + 1
         digest = LogDigest(terminal.serial, 40, len(terminal.records), b"x")
@@ -172,9 +173,9 @@ def test_known_checkpoint_and_digest_are_handed_to_the_reader(
     reader.terminals["lobby"].records.append(rec(2))
     poller.poll_due(T0 + timedelta(minutes=1))
     first, second = reader.calls
-    assert (first["known_serial"], first["known_count"], first["known_digest"]) == (None, None, None)
-    assert (second["known_serial"], second["known_count"]) == ("S1", 1)
-    assert second["known_digest"] == LogDigest("S1", 40, 1, b"x")
+    assert first["known"] == KnownLog.NOTHING
+    assert (second["known"].serial, second["known"].count) == ("S1", 1)
+    assert second["known"].digest == LogDigest("S1", 40, 1, b"x")
 
 
 def test_only_due_terminals_are_polled(store: Store, reader: FakeReader, clock: Clock) -> None:
@@ -311,7 +312,7 @@ def test_store_failure_fails_the_poll_closed(tmp_path: Path, reader: FakeReader,
     assert len(events(logs, "store.failing")) == 1 and len(events(logs, "store.recovered")) == 1
     assert events(logs, "terminal.down") == []  # the terminal was never the problem
     # The checkpoint never ran ahead: the poll after the failures still had the old count.
-    assert [call["known_count"] for call in reader.calls] == [None, 1, 1, 1]
+    assert [call["known"].count for call in reader.calls] == [None, 1, 1, 1]
     store.close()
 
 

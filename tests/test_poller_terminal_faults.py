@@ -141,13 +141,13 @@ def test_pyzk_internals_missing_is_a_terminal_error(
 ) -> None:
     import zk
 
-    from zkdingsync.devices.zk import read_log
+    from zkdingsync.devices.zk import KnownLog, read_log
     from zkdingsync.errors import TerminalError
 
     terminal = terminals(serial="PYZK000001", record_size=40, users=2, records=3)
     monkeypatch.delattr(zk.ZK, attribute)
     with pytest.raises(TerminalError) as caught:
-        read_log(device_for("gate", terminal), 0.5, known_serial=None, known_count=None)
+        read_log(device_for("gate", terminal), 0.5, known=KnownLog.NOTHING)
     assert "pyzk" in caught.value.reason
     monkeypatch.undo()
     wait_for(lambda: terminal.enabled)
@@ -209,7 +209,7 @@ class SlowReader:
                 self.gate.wait(30)
         read_at = kwargs["now"]()
         state = TerminalState("S-" + device.name, 0, 100, 0, 1000, "", read_at, read_at)
-        return LogRead(state=state, downloaded=kwargs["known_count"] != 0)
+        return LogRead(state=state, downloaded=kwargs["known"].count != 0)
 
     def set_time(self, device: Any, **kwargs: Any) -> None:
         raise AssertionError("not used")

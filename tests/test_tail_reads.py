@@ -29,16 +29,14 @@ def read_after(device: DeviceConfig, before: zk.LogRead, **kwargs: object) -> zk
     return zk.read_log(
         device,
         TIMEOUT,
-        known_serial=before.state.serial,
-        known_count=before.state.record_count,
-        known_tail=before.tail,
+        known=zk.KnownLog(serial=before.state.serial, count=before.state.record_count, tail=before.tail),
         **kwargs,  # type: ignore[arg-type]
     )
 
 
 def first_read(terminal: FakeTerminal, **changes: object) -> tuple[DeviceConfig, zk.LogRead]:
     device = device_for(terminal, **changes)
-    read = zk.read_log(device, TIMEOUT, known_serial=None, known_count=None)
+    read = zk.read_log(device, TIMEOUT, known=zk.KnownLog.NOTHING)
     assert read.full and read.records == terminal.records
     return device, read
 
@@ -75,7 +73,7 @@ def test_an_overlap_mismatch_falls_back_to_a_whole_read(terminals: Terminals) ->
     assert before.tail is not None
     edited = replace(before.tail, last_record=bytes(40))  # the store's last record is not on the terminal
     terminal.add_punch("1001")
-    read = zk.read_log(device, TIMEOUT, known_serial="EDITED01", known_count=500, known_tail=edited)
+    read = zk.read_log(device, TIMEOUT, known=zk.KnownLog(serial="EDITED01", count=500, tail=edited))
     assert read.full and read.records == terminal.records
     assert read.offset_reads is None  # nothing learned against the firmware
 
@@ -133,7 +131,7 @@ def test_an_absurd_record_count_is_refused_before_any_download(terminals: Termin
     terminal = terminals(serial="CLAIM001", records=10)
     terminal.set_fault(Fault.claim_records(2_000_000_000))
     with pytest.raises(TerminalError) as raised:
-        zk.read_log(device_for(terminal), TIMEOUT, known_serial=None, known_count=None)
+        zk.read_log(device_for(terminal), TIMEOUT, known=zk.KnownLog.NOTHING)
     assert "2,000,000,000 records" in raised.value.reason
     assert terminal.command_count(p.CMD_PREPARE_BUFFER) == 0
     assert terminal.enabled
@@ -143,4 +141,4 @@ def test_a_count_above_capacity_is_refused(terminals: Terminals) -> None:
     terminal = terminals(serial="OVERCAP1", records=10, capacity=10)
     terminal.add_raw_record("1001", 782550489)  # bypasses the capacity: 11 records in a 10-record log
     with pytest.raises(TerminalError, match="more than its capacity of 10"):
-        zk.read_log(device_for(terminal), TIMEOUT, known_serial=None, known_count=None)
+        zk.read_log(device_for(terminal), TIMEOUT, known=zk.KnownLog.NOTHING)

@@ -35,7 +35,7 @@ def device_for(terminal: FakeTerminal, **changes: object) -> DeviceConfig:
 
 
 def full_read(device: DeviceConfig, timeout: float = TIMEOUT, **kwargs: object) -> zk.LogRead:
-    return zk.read_log(device, timeout, known_serial=None, known_count=None, **kwargs)  # type: ignore[arg-type]
+    return zk.read_log(device, timeout, known=zk.KnownLog.NOTHING, **kwargs)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------ reads
@@ -79,7 +79,7 @@ def test_unchanged_log_is_not_downloaded(terminals: Terminals) -> None:
     buffers = terminal.command_count(p.CMD_PREPARE_BUFFER)
     disables = terminal.command_count(p.CMD_DISABLEDEVICE)
     again = zk.read_log(
-        device, TIMEOUT, known_serial=first.state.serial, known_count=first.state.record_count
+        device, TIMEOUT, known=zk.KnownLog(serial=first.state.serial, count=first.state.record_count)
     )
     assert not again.downloaded
     assert again.records == []
@@ -93,7 +93,7 @@ def test_full_log_is_read_even_when_the_count_did_not_move(terminals: Terminals)
     terminal = terminals(serial="FULL0001", capacity=300, records=300)
     device = device_for(terminal)
     first = full_read(device)
-    again = zk.read_log(device, TIMEOUT, known_serial=first.state.serial, known_count=300)
+    again = zk.read_log(device, TIMEOUT, known=zk.KnownLog(serial=first.state.serial, count=300))
     assert again.downloaded and len(again.records) == 300
 
 
@@ -102,7 +102,7 @@ def test_digest_skips_the_unchanged_prefix(terminals: Terminals) -> None:
     device = device_for(terminal)
     first = full_read(device)
     new = terminal.add_punch("1003", "2024-06-01 09:00:00")
-    read = zk.read_log(device, TIMEOUT, known_serial="DIGEST01", known_count=1000, known_digest=first.digest)
+    read = zk.read_log(device, TIMEOUT, known=zk.KnownLog(serial="DIGEST01", count=1000, digest=first.digest))
     assert read.downloaded
     assert read.first_index == 1000
     assert read.records == [new]
@@ -118,7 +118,7 @@ def test_digest_mismatch_parses_everything(terminals: Terminals) -> None:
     assert first.digest is not None
     forged = replace(first.digest, digest=bytes(16))
     terminal.add_punch("1002", "2024-06-01 09:00:00")
-    read = zk.read_log(device, TIMEOUT, known_serial="DIGEST02", known_count=100, known_digest=forged)
+    read = zk.read_log(device, TIMEOUT, known=zk.KnownLog(serial="DIGEST02", count=100, digest=forged))
     assert read.first_index == 0
     assert read.records == terminal.records
 
@@ -129,7 +129,7 @@ def test_cleared_log_is_noticed_by_its_count(terminals: Terminals) -> None:
     first = full_read(device)
     terminal.clear_log()
     after = terminal.add_punch("1004", "2024-06-02 09:00:00")
-    read = zk.read_log(device, TIMEOUT, known_serial="CLEAR001", known_count=200, known_digest=first.digest)
+    read = zk.read_log(device, TIMEOUT, known=zk.KnownLog(serial="CLEAR001", count=200, digest=first.digest))
     assert read.downloaded and read.first_index == 0
     assert read.records == [after]
 
@@ -296,7 +296,7 @@ def test_punch_during_download_is_held_back_by_disabling(terminals: Terminals) -
     assert len(read.records) == 400 and read.state.record_count == 400
     assert terminal.enabled and terminal.record_count == 401
     again = zk.read_log(
-        device_for(terminal), TIMEOUT, known_serial="DURING01", known_count=400, known_digest=read.digest
+        device_for(terminal), TIMEOUT, known=zk.KnownLog(serial="DURING01", count=400, digest=read.digest)
     )
     assert [r.enroll_number for r in again.records] == ["1005"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 from zoneinfo import ZoneInfo
 
-from zkdingsync.devices.zk import read_log
+from zkdingsync.devices.zk import KnownLog, read_log
 from zkdingsync.errors import StoreError, TerminalError, UserError
 from zkdingsync.model import utc_now
 from zkdingsync.quota import edition_for
@@ -47,7 +47,7 @@ def _from_store(path: Path, devices: Sequence[DeviceConfig], first_day: str) -> 
 def count_log(device: DeviceConfig, first_day: str, *, timeout_seconds: float = 10.0) -> dict[str, int]:
     """Given a terminal, read its whole log and return its punches per day from `first_day` on. Raise
     TerminalError."""
-    read = read_log(device, timeout_seconds, known_serial=None, known_count=None)
+    read = read_log(device, timeout_seconds, known=KnownLog.NOTHING)
     counts: dict[str, int] = {}
     for record in read.records:
         day = record.local_time[:10]

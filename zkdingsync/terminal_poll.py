@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from zkdingsync.devices.zk import DeviceLike, LogDigest, LogRead, LogTail, TerminalCancelled
+from zkdingsync.devices.zk import DeviceLike, KnownLog, LogDigest, LogRead, LogTail, TerminalCancelled
 from zkdingsync.errors import StoreError, TerminalError
 from zkdingsync.history import HistoryPolicy, log_first_contact
 from zkdingsync.model import AttendanceRecord, Punch
@@ -88,14 +88,10 @@ class TerminalReader(Protocol):
         device: DeviceLike,
         *,
         timeout_seconds: float,
-        known_serial: str | None,
-        known_count: int | None,
-        known_digest: LogDigest | None,
+        known: KnownLog,
         ensure_enabled: bool,
         now: Callable[[], datetime],
         cancel: threading.Event | None,
-        known_tail: LogTail | None,
-        offset_reads: bool,
         allow_full: bool,
     ) -> LogRead:
         """Read a terminal's log (see `devices.zk.read_log`); raise TerminalError."""
@@ -285,11 +281,13 @@ class TerminalPoll:
         return self._reader.read_log(
             terminal.device,
             timeout_seconds=self._settings().timeout_seconds,
-            known_serial=known.serial if known else None,
-            known_count=None if verify or known is None else known.record_count,
-            known_digest=digest,
-            known_tail=tail,
-            offset_reads=known is None or known.offset_reads is not False,
+            known=KnownLog(
+                serial=known.serial if known else None,
+                count=None if verify or known is None else known.record_count,
+                digest=digest,
+                tail=tail,
+                offset_reads=known is None or known.offset_reads is not False,
+            ),
             allow_full=allow_full,
             ensure_enabled=terminal.ensure_enabled,
             now=self._clock,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from zkdingsync.devices.records import parse_records
 from zkdingsync.model import AttendanceRecord, TerminalInfo
@@ -33,6 +34,30 @@ class LogDigest:
     record_size: int
     record_count: int
     digest: bytes
+
+
+@dataclass(frozen=True)
+class KnownLog:
+    """What the daemon already knows of a terminal's log, handed to `read_log`; each field lets the
+    read skip work, and `KnownLog.NOTHING` (a terminal never read) skips nothing.
+
+    `serial` and `count`: when the terminal reports both unchanged (and its log is not full), the log
+    is not read at all; `count=None` asks for a whole-log read (a tail read needs it too). `digest`:
+    a whole read does not return again the prefix it proves byte-identical. `tail`: only the records
+    after the stored last one are read. `offset_reads=False`: the firmware does not serve reads from
+    an offset, so no tail read is tried.
+    """
+
+    NOTHING: ClassVar[KnownLog]
+
+    serial: str | None = None
+    count: int | None = None
+    digest: LogDigest | None = None
+    tail: LogTail | None = None
+    offset_reads: bool = True
+
+
+KnownLog.NOTHING = KnownLog()
 
 
 @dataclass(frozen=True)

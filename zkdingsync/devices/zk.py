@@ -44,7 +44,7 @@ from zkdingsync.devices.download import (
     usable_tail,
 )
 from zkdingsync.devices.guard import LIBRARY_ERRORS, DeviceLike, OffsetUnsupported, pyzk_incompatible
-from zkdingsync.devices.results import MAX_RECORDS, LogDigest, LogRead, LogTail, TerminalState
+from zkdingsync.devices.results import MAX_RECORDS, KnownLog, LogDigest, LogRead, LogTail, TerminalState
 from zkdingsync.devices.session import CMD_ATTLOG_RRQ, Session, validate_host
 from zkdingsync.errors import TerminalError
 from zkdingsync.model import TerminalUser, utc_now
@@ -52,6 +52,7 @@ from zkdingsync.model import TerminalUser, utc_now
 __all__ = [
     "MAX_RECORDS",
     "DeviceLike",
+    "KnownLog",
     "LogDigest",
     "LogRead",
     "LogTail",
@@ -155,11 +156,7 @@ def read_log(
     device: DeviceLike,
     timeout_seconds: float,
     *,
-    known_serial: str | None,
-    known_count: int | None,
-    known_digest: LogDigest | None = None,
-    known_tail: LogTail | None = None,
-    offset_reads: bool = True,
+    known: KnownLog = KnownLog.NOTHING,
     allow_full: bool = True,
     ensure_enabled: bool = False,
     details: bool = False,
@@ -167,35 +164,25 @@ def read_log(
     deadline_seconds: float | None = None,
     cancel: threading.Event | None = None,
 ) -> LogRead:
-    """Given a terminal and what the store holds of it, read what is new in its log in ONE connection.
+    """Given a terminal and what the store holds of its log (`known`, see `KnownLog`), read what is
+    new in its log in ONE connection.
 
-    Reads serial, record count and clock first. When serial and count equal `known_serial` and
-    `known_count` and the log is not full, return without reading the log (`downloaded=False`;
-    `known_count=None` asks for a whole-log read). With `known_tail` (and `offset_reads`), read only
-    the records after the stored last one (see `download.py`); when that is not possible read the whole
-    log, or, unless `allow_full` (or the log holds at most `SMALL_LOG_RECORDS`: cheap whatever happens),
-    return `needs_full=True` without reading it. With `known_digest` a
-    prefix of a whole log proven byte-identical is not returned again (`first_index`). Firmware and
-    platform are read when `details` is set or something changed. `ensure_enabled` sends ENABLEDEVICE
-    first (after a failed poll that may have left the terminal disabled). Raise TerminalError
-    (TerminalCancelled when `cancel` was set) with a one-line reason; on any error nothing partial is
-    returned.
+    Reads serial, record count and clock first. When serial and count are the known ones and the log
+    is not full, return without reading the log (`downloaded=False`). With a known tail (and offset
+    reads), read only the records after the stored last one (see `download.py`); when that is not
+    possible read the whole log, or, unless `allow_full` (or the log holds at most
+    `SMALL_LOG_RECORDS`: cheap whatever happens), return `needs_full=True` without reading it. With a
+    known digest a prefix of a whole log proven byte-identical is not returned again (`first_index`).
+    Firmware and platform are read when `details` is set or something changed. `ensure_enabled` sends
+    ENABLEDEVICE first (after a failed poll that may have left the terminal disabled). Raise
+    TerminalError (TerminalCancelled when `cancel` was set) with a one-line reason; on any error
+    nothing partial is returned.
     """
     seen: list[TerminalState] = []
     try:
         with _session(device, timeout_seconds, deadline_seconds, cancel) as session:
-            return _read_log_in(
-                session,
-                seen,
-                known_serial=known_serial,
-                known_count=known_count,
-                known_digest=known_digest,
-                known_tail=known_tail if offset_reads else None,
-                allow_full=allow_full,
-                ensure_enabled=ensure_enabled,
-                details=details,
-                now=now,
-            )
+            state = _read_state(session, seen, ensure_enabled=ensure_enabled, details=details, now=now)
+            return _read_new(session, state, known, allow_full=allow_full, details=details)
     except OffsetUnsupported as finding:
         if not allow_full and seen[0].record_count > SMALL_LOG_RECORDS:
             return LogRead(
@@ -208,10 +195,7 @@ def read_log(
         whole = read_log(
             device,
             timeout_seconds,
-            known_serial=known_serial,
-            known_count=known_count,
-            known_digest=known_digest,
-            offset_reads=False,
+            known=replace(known, offset_reads=False),
             details=details,
             now=now,
             deadline_seconds=deadline_seconds,
@@ -220,29 +204,33 @@ def read_log(
         return replace(whole, offset_reads=False, offset_problem=finding.reason)
 
 
-def _read_log_in(
+def _read_state(
     session: Session,
     seen: list[TerminalState],
     *,
-    known_serial: str | None,
-    known_count: int | None,
-    known_digest: LogDigest | None,
-    known_tail: LogTail | None,
-    allow_full: bool,
     ensure_enabled: bool,
     details: bool,
     now: Callable[[], datetime],
-) -> LogRead:
-    """The body of `read_log` over an open session; appends the state read to `seen`."""
+) -> TerminalState:
+    """Open a read of the log over `session`: re-enable the terminal if asked, read its state, refuse
+    an absurd record count; append the state to `seen` (the caller's fallback needs it)."""
     if ensure_enabled:
         session.zk.enable_device()
     state = session.read_state(now, details=details)
     check_count(session.device.name, state)
     seen.append(state)
+    return state
+
+
+def _read_new(
+    session: Session, state: TerminalState, known: KnownLog, *, allow_full: bool, details: bool
+) -> LogRead:
+    """Given the terminal's state and what is known of its log, decide what to read (nothing, the
+    tail, the whole log, or a refusal when a whole read is not allowed), read it and return it."""
     if (
-        known_serial is not None
-        and state.serial == known_serial
-        and state.record_count == known_count
+        known.serial is not None
+        and state.serial == known.serial
+        and state.record_count == known.count
         and not state.log_full
     ):
         return LogRead(state=state, downloaded=False)
@@ -254,7 +242,7 @@ def _read_log_in(
         )
     if state.record_count == 0:
         return LogRead(state=state, downloaded=True, full=True)
-    tail = usable_tail(known_tail, state) if known_count is not None else None
+    tail = usable_tail(known.tail, state) if known.count is not None and known.offset_reads else None
     miss: TailMiss | None = None
     if tail is not None:
         found = read_tail(session, tail, state)
@@ -263,7 +251,7 @@ def _read_log_in(
         miss = found
     if not allow_full and state.record_count > SMALL_LOG_RECORDS:
         return LogRead(state=state, downloaded=False, needs_full=True)
-    return download(session, state, known_digest, miss)
+    return download(session, state, known.digest, miss)
 
 
 def probe_offset_reads(
@@ -333,25 +321,17 @@ class ZkReader:
         device: DeviceLike,
         *,
         timeout_seconds: float,
-        known_serial: str | None,
-        known_count: int | None,
-        known_digest: LogDigest | None,
+        known: KnownLog,
         ensure_enabled: bool,
         now: Callable[[], datetime],
         cancel: threading.Event | None,
-        known_tail: LogTail | None = None,
-        offset_reads: bool = True,
         allow_full: bool = True,
     ) -> LogRead:
         """See `read_log`."""
         return read_log(
             device,
             timeout_seconds,
-            known_serial=known_serial,
-            known_count=known_count,
-            known_digest=known_digest,
-            known_tail=known_tail,
-            offset_reads=offset_reads,
+            known=known,
             allow_full=allow_full,
             ensure_enabled=ensure_enabled,
             now=now,
