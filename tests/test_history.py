@@ -160,6 +160,6 @@ def test_policy_rule_and_dates() -> None:
     # Local midnight in the zone, not UTC's.
     assert day_start_ms(date(2026, 11, 25), SHANGHAI) == local_to_epoch_ms("2026-11-25 00:00:00", SHANGHAI)
     assert parse_day("2026-11-01") == date(2026, 11, 1)
-    for bad in ("2026-11-1", "2026-13-01", "yesterday"):
+    for bad in ("2026-11-1", "2026-13-01", "yesterday", "2026-W48-2", "20261101"):
         with pytest.raises(ValueError, match="is not a date YYYY-MM-DD"):
             parse_day(bad)

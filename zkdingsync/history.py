@@ -12,6 +12,7 @@ the same transaction that records the first contact, so a crash cannot queue a t
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
@@ -21,13 +22,15 @@ import structlog
 log = structlog.get_logger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _MILLISECOND = timedelta(milliseconds=1)
 
 
 def parse_day(text: str) -> date:
     """Given "YYYY-MM-DD" (the command line's and `delivery.since`'s dates), return the date. Raise
     ValueError with a readable message otherwise."""
-    if len(text) == 10:
+    # Not fromisoformat alone: from Python 3.11 it also takes week dates such as 2026-W48-2.
+    if _DAY.fullmatch(text):
         try:
             return date.fromisoformat(text)
         except ValueError:

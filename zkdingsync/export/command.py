@@ -10,15 +10,14 @@ stderr.
 from __future__ import annotations
 
 import io
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import date
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
+from zkdingsync import history
 from zkdingsync.config import Config
 from zkdingsync.errors import StoreError, UserError
 from zkdingsync.export.columns import RowMaker
@@ -26,19 +25,16 @@ from zkdingsync.export.writers import FORMATS, CsvRows, RowWriter, XlsxRows
 from zkdingsync.files import written_whole
 from zkdingsync.store import ExportWindow, Store
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 PROGRESS_EVERY_SECONDS = 0.5
 
 
 def parse_day(text: str, option: str) -> str:
     """Given a command-line date and its option name, return it as "YYYY-MM-DD"; raise UserError naming
     the option when it is not a real date of that form."""
-    if _DATE.fullmatch(text):
-        try:
-            return date.fromisoformat(text).isoformat()
-        except ValueError:
-            pass
-    raise UserError(f"{option} {text!r} is not a date of the form YYYY-MM-DD")
+    try:
+        return history.parse_day(text).isoformat()
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a date of the form YYYY-MM-DD") from None
 
 
 def choose_format(fmt: str | None, output: Path | None) -> str:
