@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from bench.figures import report as print_figures
 from zkdingsync.dingtalk.fake import FakeDingTalk
 from zkdingsync.logs import configure_logging
 from zkdingsync.model import Punch
@@ -502,17 +503,9 @@ def bench_memory(terminals: int, store_punches: int, seconds: float, out: TextIO
 
 
 def report(results: dict[str, dict[str, float]], out: TextIO) -> bool:
-    ok = True
-    for section, figures in results.items():
-        out.write(f"{section}\n")
-        for key, value in figures.items():
-            goal = GOALS.get(key)
-            verdict = ""
-            if goal is not None:
-                met = value < goal
-                ok &= met
-                verdict = f"   goal < {goal:g}: {'met' if met else 'MISSED'}"
-            out.write(f"  {key:28} {value:12.3f}{verdict}\n")
+    """Print the figures with their goals (every daemon figure must stay at or under its goal), then the
+    delivery checks; return True when all hold."""
+    ok = print_figures(results, GOALS, out, higher_is_better=lambda key: False)
     if "latency" in results:
         figures = results["latency"]
         if figures["delivered"] != figures["punches"] or figures["duplicates"]:
