@@ -51,7 +51,27 @@ class Container:
         self.tool = tool
         self.directory = directory
 
+    def _pid(self, name: str) -> int | None:
+        try:
+            return int((self.directory / name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _clear_stale(self) -> None:
+        """A container powered off by an earlier run can leave systemd-nspawn halting for a minute or more
+        after its PID 1 is gone; the boot tool would then take it for a running container (and enter a
+        dead leader). Wait for such an nspawn to end, then drop its pid files."""
+        leader = self._pid("leader.pid")
+        if leader is None or Path(f"/proc/{leader}/ns").exists():
+            return
+        nspawn = self._pid("nspawn.pid")
+        if nspawn is not None:
+            wait_for(lambda: not Path(f"/proc/{nspawn}").exists(), 180, "the earlier container's nspawn ends")
+        for name in ("leader.pid", "nspawn.pid"):
+            (self.directory / name).unlink(missing_ok=True)
+
     def boot(self) -> str:
+        self._clear_stale()
         done = subprocess.run(
             [str(self.tool / "boot"), str(self.directory)], capture_output=True, text=True, check=False
         )
